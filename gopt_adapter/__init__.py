@@ -1,3 +1,31 @@
-"""gopt-adapter: GoPT grouping prompters for frozen timm Vision Transformers."""
+"""gopt-adapter: GoPT grouping prompters for frozen timm Vision Transformers.
+
+Two lines from a pretrained timm ViT to an RGB-X segmenter::
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, dynamic_img_size=True)
+    segmenter = apply_gopt(model, aux_channels=1, num_classes=40)
+"""
 
 __version__ = "0.1.0"
+
+from .adapter import GoptAdapter
+from .adapter_io import AdapterError, load_adapter, read_adapter_file, save_adapter
+from .backbone import BackboneSpec
+from .config import GoptConfig
+from .model import GoptSegmenter, apply_gopt, remove_gopt
+from .parameters import ParameterCount, count_parameters
+
+__all__ = [
+    "AdapterError",
+    "BackboneSpec",
+    "GoptAdapter",
+    "GoptConfig",
+    "GoptSegmenter",
+    "ParameterCount",
+    "apply_gopt",
+    "count_parameters",
+    "load_adapter",
+    "read_adapter_file",
+    "remove_gopt",
+    "save_adapter",
+]

@@ -1,0 +1,235 @@
+"""Adapter files: one safetensors file per task, written atomically, read all-or-nothing.
+
+Layout of a file: the adapter's state-dict tensors (aux embedding, class tokens, prompters,
+head with its BatchNorm buffers) and string metadata:
+
+- ``format``: ``"gopt-adapter"``; ``format_version``: ``"1"``; ``library_version``;
+- ``config``: the :class:`GoptConfig` as JSON;
+- ``backbone``: the backbone fingerprint as JSON (class, width, depth, patch size, prefix
+  tokens and the SHA-256 of the frozen weights);
+- ``checksum``: SHA-256 over all other metadata and every tensor's name, dtype, shape and
+  bytes, so a flipped bit anywhere in the file is caught before any weight is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from . import __version__
+from .adapter import GoptAdapter
+from .backbone import BackboneSpec, tensor_bytes
+from .config import GoptConfig
+
+if TYPE_CHECKING:
+    from .model import GoptSegmenter
+
+FORMAT = "gopt-adapter"
+FORMAT_VERSION = "1"
+_METADATA_KEYS = {"format", "format_version", "library_version", "config", "backbone", "checksum"}
+_SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be used: unreadable, corrupt, or made for something else."""
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """A parsed and verified adapter file (nothing has touched a model yet)."""
+
+    path: Path
+    config: GoptConfig
+    backbone: dict[str, Any]
+    library_version: str
+    tensors: dict[str, torch.Tensor]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` so that ``path`` holds either its old content or all of ``data``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def fingerprint(spec: BackboneSpec, weights_sha256: str) -> dict[str, Any]:
+    return {**spec.structure(), "weights_sha256": weights_sha256}
+
+
+def _checksum(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "checksum":
+            digest.update(json.dumps([key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def encode_adapter(adapter: GoptAdapter, backbone: Mapping[str, Any], dtype: torch.dtype | None = None) -> bytes:
+    """Serialises an adapter to the bytes of a safetensors file (floating tensors cast to ``dtype``)."""
+    if dtype is not None and dtype not in _SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {_SAVE_DTYPES} or None, got {dtype}")
+    tensors = {}
+    for name, tensor in adapter.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.contiguous()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "config": json.dumps(adapter.config.to_dict(), sort_keys=True),
+        "backbone": json.dumps(dict(backbone), sort_keys=True),
+    }
+    metadata["checksum"] = _checksum(metadata, tensors)
+    return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
+    if len(data) < 8:
+        raise AdapterError(f"{path}: not a safetensors file ({len(data)} bytes, too short for a header)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise AdapterError(f"{path}: not a safetensors file or truncated (header of {header_len} bytes, file {len(data)})")
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: not a safetensors file or corrupt header ({exc})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise AdapterError(f"{path}: a safetensors file but not a GoPT adapter (no format={FORMAT!r} metadata)")
+    missing = _METADATA_KEYS - set(metadata)
+    if missing:
+        raise AdapterError(f"{path}: adapter metadata is missing {sorted(missing)}")
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path}: adapter format version {metadata['format_version']!r}; this library reads {FORMAT_VERSION!r}"
+        )
+    return metadata
+
+
+def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
+    """Reads and verifies an adapter file; raises :class:`AdapterError` naming what is wrong."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such adapter file") from None
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read adapter file ({exc})") from None
+    metadata = _read_metadata(data, path)
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise AdapterError(f"{path}: corrupt or truncated safetensors data ({exc})") from None
+    if _checksum(metadata, tensors) != metadata["checksum"]:
+        raise AdapterError(f"{path}: checksum mismatch: the file is corrupt (changed after it was written)")
+    try:
+        config = GoptConfig.from_dict(json.loads(metadata["config"]))
+        backbone = json.loads(metadata["backbone"])
+    except (ValueError, TypeError) as exc:
+        raise AdapterError(f"{path}: invalid adapter config ({exc})") from None
+    return AdapterFile(path, config, backbone, metadata["library_version"], tensors)
+
+
+def check_backbone(file: AdapterFile, expected: Mapping[str, Any], allow_weights_mismatch: bool = False) -> None:
+    """Raises :class:`AdapterError` when ``file`` was made for a different backbone."""
+    found = file.backbone
+    diffs = [
+        f"{key}: file {found.get(key)!r}, backbone {value!r}"
+        for key, value in expected.items()
+        if key != "weights_sha256" and found.get(key) != value
+    ]
+    if diffs:
+        raise AdapterError(f"{file.path}: adapter made for another backbone ({'; '.join(diffs)})")
+    if not allow_weights_mismatch and found.get("weights_sha256") != expected["weights_sha256"]:
+        raise AdapterError(
+            f"{file.path}: adapter trained on other backbone weights (sha256 {str(found.get('weights_sha256'))[:12]}..., "
+            f"this backbone {expected['weights_sha256'][:12]}...); pass allow_backbone_mismatch=True to load anyway"
+        )
+
+
+def check_tensors(file: AdapterFile, adapter: GoptAdapter) -> None:
+    """Every tensor of ``adapter`` present in ``file`` with the same shape, and no other."""
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(file.tensors))
+    extra = sorted(set(file.tensors) - set(expected))
+    wrong = [
+        f"{name} {tuple(file.tensors[name].shape)} != {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in file.tensors and file.tensors[name].shape != tensor.shape
+    ]
+    if missing or extra or wrong:
+        raise AdapterError(f"{file.path}: tensors do not fit the adapter (missing {missing}, unexpected {extra}, shape {wrong})")
+
+
+def adapter_from_file(file: AdapterFile, spec: BackboneSpec) -> GoptAdapter:
+    """A new adapter built from the file's config and holding its weights."""
+    try:
+        adapter = GoptAdapter(file.config, spec)
+    except ValueError as exc:
+        raise AdapterError(f"{file.path}: config does not fit this backbone ({exc})") from None
+    check_tensors(file, adapter)
+    adapter.load_state_dict(file.tensors)
+    return adapter
+
+
+def save_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 adapter_name: str | None = None) -> Path:
+    """Writes one adapter (the active one by default) to a single ``.safetensors`` file."""
+    adapter = segmenter.get_adapter(adapter_name)
+    data = encode_adapter(adapter, segmenter.backbone_fingerprint(), dtype)
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
+def load_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, adapter_name: str | None = None,
+                 allow_backbone_mismatch: bool = False) -> None:
+    """Loads a file's weights into an existing adapter (the active one by default).
+
+    Everything is checked before the first weight is copied; on any failure the segmenter is
+    left exactly as it was. The file's config must equal the adapter's; to load an adapter of
+    another config as a new task, use ``segmenter.add_adapter(name, path)``.
+    """
+    adapter = segmenter.get_adapter(adapter_name)
+    file = read_adapter_file(path)
+    check_backbone(file, segmenter.backbone_fingerprint(), allow_backbone_mismatch)
+    if file.config != adapter.config:
+        diffs = [
+            f"{key}={value!r} (adapter has {getattr(adapter.config, key)!r})"
+            for key, value in file.config.to_dict().items()
+            if getattr(adapter.config, key) != value
+        ]
+        raise AdapterError(
+            f"{file.path}: adapter config differs: {', '.join(diffs)}; "
+            "use segmenter.add_adapter(name, path) to load it as another task"
+        )
+    check_tensors(file, adapter)
+    adapter.load_state_dict(file.tensors)

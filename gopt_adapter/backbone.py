@@ -1,0 +1,135 @@
+"""What GoPT needs to know about a timm ViT: its geometry, its input rules, its identity."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED = (
+    "timm ViTs with a flat `blocks` stack of equal width and a `patch_embed`: VisionTransformer "
+    "(vit, deit, deit3, dinov2, MAE, *_gap_*), Eva (eva02), Beit and VisionTransformerSAM"
+)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Geometry of a plain ViT backbone, read from the timm model.
+
+    Blocks take ``[B, P + S, D]`` token sequences (prefix tokens first) or, for SAM,
+    ``[B, h, w, D]`` maps with no prefix tokens.
+    """
+
+    class_name: str
+    embed_dim: int
+    num_features: int
+    depth: int
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int
+    in_chans: int
+    dynamic_img_size: bool
+    dynamic_img_pad: bool
+    img_size: tuple[int, int] | None
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "BackboneSpec":
+        """Reads the spec, raising ``TypeError`` for models without a flat stack of ViT blocks."""
+        name = f"{type(model).__module__}.{type(model).__qualname__}"
+        blocks = getattr(model, "blocks", None)
+        patch_embed = getattr(model, "patch_embed", None)
+        embed_dim = getattr(model, "embed_dim", None)
+        problem = None
+        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+            problem = "it has no flat `blocks` stack"
+        elif patch_embed is None or getattr(patch_embed, "patch_size", None) is None:
+            problem = "it has no `patch_embed` with a `patch_size`"
+        elif not isinstance(embed_dim, int):
+            problem = "it has no single `embed_dim`"
+        elif not hasattr(model, "forward_intermediates"):
+            problem = "it has no `forward_intermediates`"
+        else:
+            widths = {_block_width(b) for b in blocks} - {None}
+            if widths - {embed_dim}:
+                problem = f"its blocks have different widths {sorted(widths)}"
+        if problem:
+            raise TypeError(f"GoPT cannot wrap {name}: {problem}. Supported: {SUPPORTED}.")
+
+        proj = patch_embed.proj
+        strict = bool(getattr(patch_embed, "strict_img_size", False))
+        img_size = getattr(patch_embed, "img_size", None)
+        return cls(
+            class_name=name,
+            embed_dim=embed_dim,
+            num_features=int(getattr(model, "num_features", embed_dim)),
+            depth=len(blocks),
+            patch_size=tuple(int(p) for p in patch_embed.patch_size),
+            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
+            in_chans=int(proj.in_channels),
+            dynamic_img_size=not strict,
+            dynamic_img_pad=bool(getattr(patch_embed, "dynamic_img_pad", False)),
+            img_size=tuple(int(s) for s in img_size) if strict and img_size is not None else None,
+        )
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid ``(h, w)`` of an image, padded as the backbone pads."""
+        ph, pw = self.patch_size
+        if self.dynamic_img_pad:
+            return -(-height // ph), -(-width // pw)
+        return height // ph, width // pw
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raises ``ValueError`` when the backbone cannot take an image of this size."""
+        if self.img_size is not None and (height, width) != self.img_size:
+            raise ValueError(
+                f"{self.class_name} has a fixed input size {self.img_size}, got {(height, width)}; "
+                "create it with `img_size=` matching your images"
+            )
+        ph, pw = self.patch_size
+        if not self.dynamic_img_pad and (height % ph or width % pw):
+            raise ValueError(
+                f"image size {(height, width)} is not divisible by the patch size {self.patch_size}; "
+                "resize/pad the inputs or create the backbone with `dynamic_img_pad=True`"
+            )
+
+    def structure(self) -> dict[str, Any]:
+        """The fields that must agree between an adapter file and a backbone."""
+        return {
+            "class_name": self.class_name,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "patch_size": list(self.patch_size),
+            "num_prefix_tokens": self.num_prefix_tokens,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["patch_size"] = list(self.patch_size)
+        return data
+
+
+def _block_width(block: nn.Module) -> int | None:
+    norm = getattr(block, "norm1", None)
+    shape = getattr(norm, "normalized_shape", None)
+    return int(shape[0]) if shape else None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a tensor (any dtype, bf16 included) without a copy when possible."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 over every state-dict tensor (dtype, shape and bytes) in registration order.
+
+    Names are left out on purpose: wrapping blocks renames keys but not the weights, so the
+    digest of a wrapped backbone equals that of the original model.
+    """
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()

@@ -1,0 +1,68 @@
+"""The grouping module g(.) of GoPT (paper eq. 7-11), after GroupViT's grouping block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-6
+
+
+def gumbel_assignment(logits: torch.Tensor, tau: float, hard: bool, noise: bool) -> torch.Tensor:
+    """Assignment of each row of ``logits`` to one group, eq. 8-9.
+
+    With ``noise`` (training), Gumbel(0, 1) samples drawn from torch's global generator are
+    added, so the draw follows ``torch.manual_seed``; without it (evaluation) the result is
+    deterministic. ``hard`` returns a one-hot of the argmax whose gradient is that of the
+    softmax (straight-through, eq. 9); otherwise the softmax itself (soft assignment).
+    """
+    if noise:
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        logits = logits + gumbels
+    soft = torch.softmax(logits / tau, dim=-1)  # eq. 8
+    if not hard:
+        return soft
+    index = soft.argmax(dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(soft).scatter_(-1, index, 1.0)
+    if not soft.requires_grad:
+        return one_hot
+    return one_hot - soft.detach() + soft  # eq. 9
+
+
+class GroupingModule(nn.Module):
+    """Assigns tokens to groups with learned query/key projections, then mixes values.
+
+    ``merge`` pools the tokens of each group into its group token (eq. 10, CUP's ``g_m``);
+    ``dispatch`` gives each token the value of its group (eq. 11, ACP's ``g_rgb,m``).
+    """
+
+    def __init__(self, dim: int, assignment: str = "hard", tau: float = 1.0) -> None:
+        super().__init__()
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.hard = assignment == "hard"
+        self.tau = tau
+        self.scale = dim ** -0.5
+
+    def assign(self, tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """``[B, N, r]`` tokens and ``[B, G, r]`` groups -> assignment ``[B, N, G]`` (rows sum to 1)."""
+        logits = self.q(tokens) @ self.k(groups).transpose(1, 2) * self.scale  # [B, N, G]
+        return gumbel_assignment(logits, self.tau, self.hard, noise=self.training)
+
+    def merge(self, tokens: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 10: ``p_j = c_j + Wo(sum_i A_ij Wv f_i / sum_i A_ij)``; returns ``(p, A)``."""
+        assign = self.assign(tokens, groups)  # [B, S, C]
+        pooled = assign.transpose(1, 2) @ self.v(tokens)  # [B, C, r]
+        pooled = pooled / (assign.sum(dim=1).unsqueeze(-1) + EPS)
+        return groups + self.o(pooled), assign
+
+    def dispatch(self, tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Eq. 11: ``t_i = p_i + Wo(sum_j A_ij Wv P_j)``, one prompt per token ``[B, S, r]``."""
+        assign = self.assign(tokens, groups)  # [B, S, C]
+        return tokens + self.o(assign @ self.v(groups))
+
+    def extra_repr(self) -> str:
+        return f"assignment={'hard' if self.hard else 'soft'}, tau={self.tau}"

@@ -1,0 +1,279 @@
+"""The GoPT segmenter: a frozen timm ViT, its wrapped blocks, and one or more task adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .adapter import GoptAdapter
+from .adapter_io import (
+    AdapterError,
+    adapter_from_file,
+    atomic_write_bytes,
+    check_backbone,
+    fingerprint,
+    read_adapter_file,
+    save_adapter,
+)
+from .backbone import BackboneSpec, weights_digest
+from .config import GoptConfig
+from .inject import PromptContext, PromptedBlock, is_wrapped, unwrap_blocks, wrap_blocks
+
+DEFAULT_ADAPTER = "default"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class GoptSegmenter(nn.Module):
+    """RGB-X segmenter: ``segmenter(rgb, aux) -> logits [B, num_classes, H, W]``.
+
+    The backbone (``self.backbone``, the user's timm model with wrapped blocks) is frozen and
+    stays in eval mode; only the active adapter in ``self.adapters`` trains. Several adapters
+    (tasks) share the one backbone in memory. Build it with :func:`apply_gopt`.
+    A forward pass keeps per-call state on the segmenter: do not run one segmenter from
+    several threads at once.
+    """
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: GoptAdapter,
+                 adapter_name: str = DEFAULT_ADAPTER, weights_sha256: str | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self._weights_sha256 = weights_sha256
+        self._original = {
+            "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+            "training": model.training,
+            "grad_checkpointing": getattr(model, "grad_checkpointing", None),
+        }
+        self._context = PromptContext()
+        model.requires_grad_(False)
+        if self._original["grad_checkpointing"]:
+            model.grad_checkpointing = False  # timm would replay our prompters; see set_grad_checkpointing
+        wrap_blocks(model, self._context)
+        self.backbone = model
+        self.adapters = nn.ModuleDict()
+        self._active: str | None = None
+        self._insert(adapter_name, adapter)
+        self.set_adapter(adapter_name)
+        self.train(model.training)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, rgb: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """``rgb [B, 3, H, W]`` and ``aux [B, C_aux, H, W]`` -> logits ``[B, K, H, W]``."""
+        features = self.features(rgb, aux)  # [B, D, h, w]
+        logits = self.adapter.head(features)  # [B, K, h, w]
+        return self.upsample(logits, rgb.shape[-2:])
+
+    def features(self, rgb: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """Last block's patch tokens after the backbone's final norm, ``[B, D, h, w]``."""
+        self._check_inputs(rgb, aux)
+        if getattr(self.backbone, "grad_checkpointing", False):
+            raise RuntimeError("timm's grad checkpointing replays the prompters; use segmenter.set_grad_checkpointing()")
+        adapter = self.adapter
+        with self._context.active(adapter, adapter.initial_state(aux)):
+            return self.backbone_features(rgb)
+
+    def backbone_features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """What the backbone computes with no prompter: the frozen RGB model's features."""
+        return self.backbone.forward_intermediates(
+            rgb, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )[-1]
+
+    def upsample(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear upsampling of patch logits to the input size (padding cropped off)."""
+        if self.spec.dynamic_img_pad:
+            (ph, pw), (h, w) = self.spec.patch_size, logits.shape[-2:]
+            logits = F.interpolate(logits, size=(h * ph, w * pw), mode="bilinear", align_corners=False)
+            return logits[..., : size[0], : size[1]]
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def _check_inputs(self, rgb: torch.Tensor, aux: torch.Tensor) -> None:
+        config, spec = self.config, self.spec
+        shapes = f"rgb {tuple(rgb.shape)} and aux {tuple(aux.shape)}"
+        expected = f"expected rgb [B, {spec.in_chans}, H, W] and aux [B, {config.aux_channels}, H, W]"
+        if rgb.ndim != 4 or aux.ndim != 4:
+            raise ValueError(f"{expected}, got {shapes}")
+        if rgb.shape[1] != spec.in_chans:
+            raise ValueError(f"wrong RGB channel count: {expected}, got {shapes}")
+        if aux.shape[1] != config.aux_channels:
+            raise ValueError(
+                f"wrong aux channel count: adapter {self.active_adapter!r} takes {config.aux_channels}; {expected}, got {shapes}"
+            )
+        if rgb.shape[0] != aux.shape[0] or rgb.shape[2:] != aux.shape[2:]:
+            raise ValueError(f"rgb and aux must share batch and spatial size, got {shapes}")
+        spec.check_image_size(rgb.shape[2], rgb.shape[3])
+
+    # ------------------------------------------------------------ train/eval
+    def train(self, mode: bool = True) -> "GoptSegmenter":
+        """Adapters follow ``mode``; the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        if "backbone" in self._modules:
+            self.backbone.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the frozen blocks in backward (prompters run once) to save memory."""
+        for block in self.backbone.blocks:
+            block.checkpoint = enable
+
+    # -------------------------------------------------------------- adapters
+    @property
+    def active_adapter(self) -> str:
+        return self._active
+
+    @property
+    def adapter(self) -> GoptAdapter:
+        """The active adapter."""
+        return self.adapters[self._active]
+
+    @property
+    def config(self) -> GoptConfig:
+        """Config of the active adapter."""
+        return self.adapter.config
+
+    def get_adapter(self, name: str | None = None) -> GoptAdapter:
+        name = self._active if name is None else name
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; adapters: {list(self.adapters)}")
+        return self.adapters[name]
+
+    def add_adapter(self, name: str, source: GoptConfig | str | os.PathLike,
+                    allow_backbone_mismatch: bool = False) -> GoptAdapter:
+        """Adds a task: a fresh adapter from a :class:`GoptConfig`, or a saved one from a file.
+
+        The new adapter is not activated (see :meth:`set_adapter`); on failure nothing changes.
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} exists already; delete_adapter({name!r}) first")
+        if isinstance(source, GoptConfig):
+            adapter = GoptAdapter(source, self.spec)
+        elif isinstance(source, (str, os.PathLike)):
+            file = read_adapter_file(source)
+            check_backbone(file, self.backbone_fingerprint(), allow_backbone_mismatch)
+            adapter = adapter_from_file(file, self.spec)
+        else:
+            raise TypeError(f"source must be a GoptConfig or a path to an adapter file, got {type(source).__name__}")
+        self._insert(name, adapter)
+        return adapter
+
+    def set_adapter(self, name: str) -> None:
+        """Makes ``name`` the adapter used by forward; only it has trainable parameters."""
+        self.get_adapter(name)
+        for key, adapter in self.adapters.items():
+            adapter.requires_grad_(key == name)
+        self._active = name
+
+    def delete_adapter(self, name: str) -> None:
+        self.get_adapter(name)
+        if name == self._active:
+            raise ValueError(f"cannot delete the active adapter {name!r}; set_adapter() another one first")
+        del self.adapters[name]
+
+    def _insert(self, name: str, adapter: GoptAdapter) -> None:
+        reference = next(iter(self.backbone.parameters()), None)
+        if reference is not None:
+            adapter.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+        adapter.requires_grad_(False)
+        adapter.train(self.training)
+        self.adapters[name] = adapter
+
+    # -------------------------------------------------------- files & identity
+    def backbone_fingerprint(self) -> dict[str, Any]:
+        """Backbone identity stored in adapter files; the weight digest is computed once."""
+        if self._weights_sha256 is None:
+            self._weights_sha256 = weights_digest(self.backbone)
+        return fingerprint(self.spec, self._weights_sha256)
+
+    def save_pretrained(self, directory: str | os.PathLike, adapter_name: str | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+        """PEFT-style directory: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        adapter = self.get_adapter(adapter_name)
+        save_adapter(self, directory / WEIGHTS_NAME, dtype=dtype, adapter_name=adapter_name)
+        manifest = {
+            "peft_type": "GOPT",
+            "library_version": __version__,
+            "config": adapter.config.to_dict(),
+            "backbone": self.backbone_fingerprint(),
+        }
+        atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
+                        allow_backbone_mismatch: bool = False) -> "GoptSegmenter":
+        """Wraps ``model`` with the adapter saved by :meth:`save_pretrained`; checks all first."""
+        directory = Path(directory)
+        file = read_adapter_file(directory / WEIGHTS_NAME)
+        try:
+            manifest = json.loads((directory / CONFIG_NAME).read_text())
+            manifest_config = GoptConfig.from_dict(manifest["config"])
+        except FileNotFoundError:
+            raise AdapterError(f"{directory / CONFIG_NAME}: missing") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AdapterError(f"{directory / CONFIG_NAME}: invalid ({exc})") from None
+        if manifest_config != file.config:
+            raise AdapterError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree on the config")
+        _check_unwrapped(model)
+        spec = BackboneSpec.from_model(model)
+        digest = weights_digest(model)
+        check_backbone(file, fingerprint(spec, digest), allow_backbone_mismatch)
+        adapter = adapter_from_file(file, spec)
+        return cls(model, spec, adapter, adapter_name, weights_sha256=digest)
+
+    def extra_repr(self) -> str:
+        return f"active_adapter={self._active!r}"
+
+
+def _check_unwrapped(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_gopt needs a timm model (nn.Module), got {type(model).__name__}")
+    if is_wrapped(model):
+        raise ValueError("this model already has GoPT applied; use segmenter.add_adapter() for another task")
+
+
+def apply_gopt(model: nn.Module, aux_channels: int, num_classes: int, interval: int = 1,
+               **options: Any) -> GoptSegmenter:
+    """Turns a pretrained timm ViT into a frozen-backbone RGB-X segmenter with GoPT prompters.
+
+    ``options`` are the remaining :class:`GoptConfig` fields (``hidden_dim``, ``num_groups``,
+    ``assignment``, ``tau``, ``use_cup``, ``use_acp``, ``head``, ``head_channels``). Everything
+    is validated before the model is changed. The returned segmenter computes exactly the
+    frozen model's features until training moves the (zero-initialised) up-projections.
+    """
+    config = GoptConfig.from_options(aux_channels, num_classes, interval, **options)
+    _check_unwrapped(model)
+    spec = BackboneSpec.from_model(model)
+    adapter = GoptAdapter(config, spec)
+    return GoptSegmenter(model, spec, adapter)
+
+
+def remove_gopt(segmenter: GoptSegmenter) -> nn.Module:
+    """Gives back the original timm model: module tree, keys, flags and mode restored.
+
+    The segmenter is unusable afterwards.
+    """
+    if "backbone" not in segmenter._modules:
+        raise ValueError("GoPT was already removed from this segmenter")
+    model = segmenter.backbone
+    unwrap_blocks(model)
+    original = segmenter._original
+    for name, param in model.named_parameters():
+        param.requires_grad_(original["requires_grad"][name])
+    if original["grad_checkpointing"] is not None:
+        model.grad_checkpointing = original["grad_checkpointing"]
+    model.train(original["training"])
+    del segmenter._modules["backbone"]
+    return model
+
+
+__all__ = ["GoptSegmenter", "apply_gopt", "remove_gopt", "PromptedBlock"]

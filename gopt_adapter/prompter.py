@@ -1,0 +1,113 @@
+"""One grouping prompter (CUP + ACP + up-projection) and the auxiliary patch embedding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GoptConfig
+from .grouping import GroupingModule
+
+
+@dataclass
+class PromptState:
+    """What one prompter hands to the next within a forward pass (eq. 15).
+
+    ``aux_tokens`` is ``f_m`` ``[B, S, r]``; ``class_tokens`` is ``c_m`` ``[B, C, r]``.
+    """
+
+    aux_tokens: torch.Tensor
+    class_tokens: torch.Tensor
+
+
+class AuxPatchEmbed(nn.Module):
+    """Embeds the auxiliary image straight to width ``r`` on the backbone's patch grid.
+
+    Same kernel, stride and padding rule as the frozen RGB patch embedding, so token ``i`` of
+    both streams covers the same pixels; a full-width embedding would break the budget.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: tuple[int, int], pad: bool) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.pad = pad
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, aux: torch.Tensor) -> torch.Tensor:
+        if self.pad:  # bottom/right zero padding, as timm's PatchEmbed(dynamic_img_pad=True)
+            ph, pw = self.patch_size
+            aux = F.pad(aux, (0, (pw - aux.shape[-1] % pw) % pw, 0, (ph - aux.shape[-2] % ph) % ph))
+        tokens = self.proj(aux)  # [B, r, h, w]
+        return self.norm(tokens.flatten(2).transpose(1, 2))  # [B, S, r]
+
+
+class ClassAwareUniModalPrompter(nn.Module):
+    """CUP, eq. 4-10: self-attention over aux and class tokens, then grouping into prompts.
+
+    Eq. 6 has no projections; we add a pre-LayerNorm and a residual (documented in
+    docs/method.md) so that repeated prompters keep the aux tokens well scaled.
+    """
+
+    def __init__(self, dim: int, assignment: str, tau: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.grouping = GroupingModule(dim, assignment, tau)
+
+    def forward(self, aux_tokens: torch.Tensor, class_tokens: torch.Tensor):
+        num_tokens = aux_tokens.shape[1]
+        z = torch.cat([aux_tokens, class_tokens], dim=1)  # eq. 5, [B, S + C, r]
+        zn = self.norm(z)
+        z = z + F.scaled_dot_product_attention(zn, zn, zn)  # eq. 4, 6 (scale 1/sqrt(r))
+        aux_hat, class_hat = z[:, :num_tokens], z[:, num_tokens:]  # [B, S, r], [B, C, r]
+        prompts, assign = self.grouping.merge(aux_hat, class_hat)  # eq. 7-10, [B, C, r]
+        return aux_hat, prompts, assign
+
+
+class AlignmentCrossModalPrompter(nn.Module):
+    """ACP, eq. 11-14: RGB tokens attend to the group prompts, then each takes its group's prompt."""
+
+    def __init__(self, embed_dim: int, dim: int, assignment: str, tau: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.down = nn.Linear(embed_dim, dim)
+        self.grouping = GroupingModule(dim, assignment, tau)
+
+    def forward(self, rgb_tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        query = self.down(self.norm(rgb_tokens))  # [B, S, D] -> [B, S, r]
+        attended = F.scaled_dot_product_attention(query, prompts, prompts)  # eq. 12, 14, [B, S, r]
+        return self.grouping.dispatch(attended, prompts)  # eq. 11, [B, S, r]
+
+
+class GroupingPrompter(nn.Module):
+    """The prompter placed before one frozen block: it rescales the block's patch tokens.
+
+    Ablations (paper Table 4): without CUP the group prompts are the incoming class tokens
+    plus the mean aux token (no self-attention, no grouping); without ACP each RGB token takes
+    the prompt of the group its own aux token was assigned to by CUP.
+    """
+
+    def __init__(self, config: GoptConfig, embed_dim: int) -> None:
+        super().__init__()
+        r = config.hidden_dim
+        self.cup = ClassAwareUniModalPrompter(r, config.assignment, config.tau) if config.use_cup else None
+        self.acp = AlignmentCrossModalPrompter(embed_dim, r, config.assignment, config.tau) if config.use_acp else None
+        self.up = nn.Linear(r, embed_dim)
+
+    def forward(self, patch_tokens: torch.Tensor, state: PromptState) -> tuple[torch.Tensor, PromptState]:
+        """``[B, S, D]`` patch tokens -> prompted tokens of the same shape, and the carried state."""
+        if self.cup is not None:
+            aux_tokens, prompts, assign = self.cup(state.aux_tokens, state.class_tokens)
+        else:
+            aux_tokens = state.aux_tokens
+            prompts = state.class_tokens + aux_tokens.mean(dim=1, keepdim=True)  # [B, C, r]
+        if self.acp is not None:
+            token_prompts = self.acp(patch_tokens, prompts)  # [B, S, r]
+        else:
+            token_prompts = assign @ prompts  # [B, S, C] @ [B, C, r] -> [B, S, r]
+        delta = self.up(token_prompts)  # [B, S, D], zero at initialisation
+        prompted = torch.addcmul(patch_tokens, patch_tokens, delta)  # eq. 3: x * (1 + delta)
+        return prompted, PromptState(aux_tokens, prompts)  # eq. 15: c_m <- P_m
