@@ -1,0 +1,112 @@
+"""apply_gopt on every supported timm family: identity at init, shapes, errors, removal."""
+
+import pytest
+import timm
+import torch
+
+from gopt_adapter import apply_gopt, count_parameters, remove_gopt
+from conftest import FAMILIES, assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
+
+
+def reference_features(model, rgb):
+    return model.forward_intermediates(rgb, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_identity_at_init_and_output_shapes(family):
+    """Right after apply_gopt the features equal the unwrapped model's; logits match the input size."""
+    model = make_backbone(family)
+    rgb, aux = family_inputs(family)
+    with torch.no_grad():
+        expected = reference_features(model, rgb)
+        segmenter = apply_gopt(model, aux_channels=1, num_classes=6, hidden_dim=8, head_channels=16).eval()
+        features = segmenter.features(rgb, aux)
+        logits = segmenter(rgb, aux)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    assert logits.shape == (rgb.shape[0], 6, *rgb.shape[-2:])
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "dinov2_reg", "eva02", "beit", "samvit"])
+def test_prompts_change_patch_tokens_but_never_prefix_tokens(family):
+    """Once the up-projections move, features change; prefix tokens entering each block do not."""
+    model = make_backbone(family)
+    rgb, aux = family_inputs(family)
+    segmenter = apply_gopt(model, aux_channels=1, num_classes=3, hidden_dim=8).eval()
+    seen = []
+    block = segmenter.backbone.blocks[0].block
+    handle = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        plain = segmenter.features(rgb, aux)
+        perturb_adapter(segmenter, std=0.2)
+        prompted = segmenter.features(rgb, aux)
+    handle.remove()
+    assert not torch.allclose(plain, prompted)
+    prefix = segmenter.spec.num_prefix_tokens
+    if prefix:
+        torch.testing.assert_close(seen[0][:, :prefix], seen[1][:, :prefix], rtol=0, atol=0)
+        assert not torch.equal(seen[0][:, prefix:], seen[1][:, prefix:])
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "hiera_tiny_224", "resnet18", "convnext_atto"])
+def test_unsupported_models_raise_type_error_naming_the_class(name):
+    model = timm.create_model(name, pretrained=False)
+    with pytest.raises(TypeError, match=type(model).__name__ + ".*Supported"):
+        apply_gopt(model, aux_channels=1, num_classes=3)
+
+
+def test_input_errors_name_both_shapes():
+    segmenter = apply_gopt(make_backbone("vit"), aux_channels=1, num_classes=3)
+    rgb, aux = family_inputs("vit")
+    cases = [
+        (rgb, aux.repeat(1, 3, 1, 1), "aux channel count"),
+        (rgb, aux[:1], "batch and spatial size"),
+        (rgb, aux[..., :32], "batch and spatial size"),
+        (rgb[:, :1], aux, "RGB channel count"),
+        (rgb[0], aux, "expected rgb"),
+    ]
+    for r, a, fragment in cases:
+        with pytest.raises(ValueError, match=fragment) as info:
+            segmenter(r, a)
+        assert str(tuple(r.shape)) in str(info.value) and str(tuple(a.shape)) in str(info.value)
+
+
+def test_size_errors_for_fixed_and_undivisible_inputs():
+    vit = apply_gopt(make_backbone("vit"), aux_channels=1, num_classes=3)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        vit(torch.zeros(1, 3, 50, 64), torch.zeros(1, 1, 50, 64))
+    beit = apply_gopt(make_backbone("beit"), aux_channels=1, num_classes=3)
+    with pytest.raises(ValueError, match="fixed input size"):
+        beit(torch.zeros(1, 3, 48, 64), torch.zeros(1, 1, 48, 64))
+
+
+def test_applying_twice_is_refused():
+    segmenter = apply_gopt(make_backbone("vit"), aux_channels=1, num_classes=3)
+    with pytest.raises(ValueError, match="already has GoPT applied"):
+        apply_gopt(segmenter.backbone, aux_channels=1, num_classes=3)
+
+
+@pytest.mark.parametrize("family", ["vit", "eva02", "samvit"])
+def test_remove_gopt_restores_the_original_model(family):
+    """Module tree, state-dict keys, requires_grad flags, mode and bitwise tensors come back."""
+    model = make_backbone(family)
+    model.train()
+    model.pos_embed.requires_grad_(False) if getattr(model, "pos_embed", None) is not None else None
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    tree = [(name, type(module)) for name, module in model.named_modules()]
+    before = snapshot(model)
+    segmenter = apply_gopt(model, aux_channels=1, num_classes=3, hidden_dim=8)
+    assert count_parameters(segmenter.backbone).trainable == 0
+    perturb_adapter(segmenter)
+    rgb, aux = family_inputs(family)
+    segmenter(rgb, aux).sum().backward()
+    restored = remove_gopt(segmenter)
+    assert restored is model
+    assert [(name, type(module)) for name, module in restored.named_modules()] == tree
+    assert list(restored.state_dict()) == keys
+    assert {name: p.requires_grad for name, p in restored.named_parameters()} == flags
+    assert restored.training
+    assert_bitwise_equal(before, snapshot(restored))
+    with pytest.raises(ValueError, match="already removed"):
+        remove_gopt(segmenter)

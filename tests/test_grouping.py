@@ -1,0 +1,133 @@
+"""The grouping maths (eq. 6-15) against references written out independently."""
+
+import math
+
+import pytest
+import torch
+
+from gopt_adapter import GoptConfig
+from gopt_adapter.grouping import EPS, GroupingModule, gumbel_assignment
+from gopt_adapter.prompter import ClassAwareUniModalPrompter, GroupingPrompter, PromptState
+from gopt_adapter.adapter import GoptAdapter
+from gopt_adapter.backbone import BackboneSpec
+from conftest import make_backbone
+
+
+def test_hard_assignment_is_one_hot_with_softmax_gradient():
+    """Eq. 9: forward is one-hot(argmax), backward is the softmax's gradient."""
+    logits = torch.randn(2, 7, 5, requires_grad=True)
+    weights = torch.randn(2, 7, 5)
+    hard = gumbel_assignment(logits, tau=0.7, hard=True, noise=False)
+    assert torch.equal(hard.sum(-1), torch.ones(2, 7))
+    assert set(hard.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(hard.argmax(-1), logits.argmax(-1))
+    (hard * weights).sum().backward()
+    hard_grad = logits.grad.clone()
+    logits.grad = None
+    (torch.softmax(logits / 0.7, -1) * weights).sum().backward()
+    torch.testing.assert_close(hard_grad, logits.grad)
+
+
+def test_soft_assignment_is_the_tempered_softmax():
+    logits = torch.randn(3, 4, 6)
+    torch.testing.assert_close(gumbel_assignment(logits, 2.0, hard=False, noise=False), torch.softmax(logits / 2.0, -1))
+
+
+def test_gumbel_noise_follows_the_torch_seed():
+    logits = torch.zeros(4, 64, 8)
+    torch.manual_seed(3)
+    first = gumbel_assignment(logits, 1.0, hard=True, noise=True)
+    torch.manual_seed(3)
+    again = gumbel_assignment(logits, 1.0, hard=True, noise=True)
+    torch.manual_seed(4)
+    other = gumbel_assignment(logits, 1.0, hard=True, noise=True)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    # uniform logits + Gumbel noise: every group gets picked
+    assert first.sum(dim=(0, 1)).min() > 0
+
+
+def reference_logits(module, tokens, groups):
+    q = tokens @ module.q.weight.T + module.q.bias
+    k = groups @ module.k.weight.T + module.k.bias
+    return torch.einsum("bnr,bgr->bng", q, k) / math.sqrt(tokens.shape[-1])
+
+
+def test_merge_matches_eq_10_written_as_loops():
+    torch.manual_seed(0)
+    module = GroupingModule(6, "hard").eval()
+    tokens, groups = torch.randn(2, 9, 6), torch.randn(2, 3, 6)
+    with torch.no_grad():
+        merged, assign = module.merge(tokens, groups)
+        owner = reference_logits(module, tokens, groups).argmax(-1)  # [B, S]
+        values = tokens @ module.v.weight.T + module.v.bias
+        for b in range(2):
+            for j in range(3):
+                members = values[b][owner[b] == j]
+                pooled = members.sum(0) / (len(members) + EPS)
+                expected = groups[b, j] + module.o.weight @ pooled + module.o.bias
+                torch.testing.assert_close(merged[b, j], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(assign.argmax(-1), owner)
+
+
+def test_dispatch_gives_each_token_its_groups_value():
+    torch.manual_seed(1)
+    module = GroupingModule(4, "hard").eval()
+    tokens, groups = torch.randn(1, 10, 4), torch.randn(1, 5, 4)
+    with torch.no_grad():
+        out = module.dispatch(tokens, groups)
+        owner = reference_logits(module, tokens, groups).argmax(-1)[0]
+        values = groups[0] @ module.v.weight.T + module.v.bias
+        expected = tokens[0] + values[owner] @ module.o.weight.T + module.o.bias
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_cup_self_attention_matches_eq_6():
+    torch.manual_seed(2)
+    cup = ClassAwareUniModalPrompter(8, "soft", 1.0).eval()
+    aux, cls = torch.randn(2, 12, 8), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        aux_hat, prompts, assign = cup(aux, cls)
+        z = torch.cat([aux, cls], 1)
+        zn = torch.nn.functional.layer_norm(z, (8,), cup.norm.weight, cup.norm.bias)
+        attn = torch.softmax(zn @ zn.transpose(1, 2) / math.sqrt(8), -1)
+        expected = z + attn @ zn
+    torch.testing.assert_close(aux_hat, expected[:, :12], rtol=1e-5, atol=1e-6)
+    assert prompts.shape == (2, 3, 8) and assign.shape == (2, 12, 3)
+
+
+@pytest.mark.parametrize("use_cup, use_acp", [(True, True), (False, True), (True, False)])
+def test_class_tokens_inherit_the_previous_prompts(use_cup, use_acp):
+    """Eq. 15: prompter l+1 receives prompter l's group prompts as its class tokens."""
+    torch.manual_seed(0)
+    model = make_backbone("vit", depth=3)
+    spec = BackboneSpec.from_model(model)
+    adapter = GoptAdapter(GoptConfig(1, 4, hidden_dim=8, use_cup=use_cup, use_acp=use_acp), spec).eval()
+    received = []
+    for prompter in adapter.prompters:
+        prompter.register_forward_pre_hook(lambda m, args: received.append(args[1]))
+    aux = torch.randn(2, 1, 32, 48)
+    x = torch.randn(2, 1 + 6, 32)
+    state = adapter.initial_state(aux)
+    outputs = []
+    with torch.no_grad():
+        for index in range(3):
+            x, state = adapter.prompt(index, x, state)
+            outputs.append(state)
+    assert torch.equal(received[0].class_tokens, adapter.class_tokens.expand(2, -1, -1))
+    for previous, current in zip(outputs, received[1:]):
+        assert current.class_tokens is previous.class_tokens
+        assert current.aux_tokens is previous.aux_tokens
+
+
+def test_without_acp_tokens_take_their_aux_groups_prompt():
+    torch.manual_seed(0)
+    prompter = GroupingPrompter(GoptConfig(1, 3, hidden_dim=4, use_acp=False), embed_dim=6).eval()
+    with torch.no_grad():
+        prompter.up.weight.zero_()[:4].copy_(torch.eye(4))  # delta[:, :4] = token prompt
+        prompter.up.bias.zero_()
+    state = PromptState(torch.randn(1, 5, 4), torch.randn(1, 3, 4))
+    with torch.no_grad():
+        _, prompts, assign = prompter.cup(state.aux_tokens, state.class_tokens)
+        out, _ = prompter(torch.ones(1, 5, 6), state)
+    expected = prompts[0][assign[0].argmax(-1)]  # [S, r]
+    torch.testing.assert_close(out[0, :, :4], 1 + expected)
