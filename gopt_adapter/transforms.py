@@ -1,0 +1,307 @@
+"""Joint transforms over the RGB-X sample dict (``rgb``, ``aux``, ``label``, ``meta``).
+
+Every transform is a callable ``t(sample, generator=None) -> sample`` acting on tensors:
+``rgb`` float ``[3, H, W]``, ``aux`` float ``[C, H, W]``, ``label`` int64 ``[H, W]``. Images
+are resampled bilinearly, labels always nearest-neighbour (so no label value is invented).
+
+Randomness comes from ``generator`` when given (the same generator state gives the same
+output), else from torch's global RNG, which a ``DataLoader`` seeds per worker from its own
+seed: a seeded run is reproducible either way.
+
+Training pipeline (:func:`build_transforms` with ``train=True``), in this order:
+
+1. :class:`RandomScale` by a factor drawn uniformly from ``scale_range``;
+2. :class:`RandomCrop` to ``crop_size``, padding labels with 255 and images with the
+   normalisation mean where the image is smaller, so that after step 4 padded image pixels
+   are exactly 0 (the common RGB-X code normalises, then pads with 0: same result, but
+   cropping first avoids normalising pixels that are thrown away);
+3. :class:`RandomHorizontalFlip` with probability ``flip_prob``;
+4. :class:`Normalize` (per-modality mean/std).
+
+Evaluation keeps the full size and only normalises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NormalizeConfig",
+    "TrainTransformConfig",
+    "DEFAULT_TRAIN_SETTINGS",
+    "Compose",
+    "RandomScale",
+    "RandomHorizontalFlip",
+    "RandomCrop",
+    "Normalize",
+    "resize_sample",
+    "default_train_config",
+    "build_transforms",
+]
+
+Sample = dict[str, Any]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _rand(generator: torch.Generator | None) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """Per-modality mean/std applied to images in [0, 1].
+
+    ``aux_mean``/``aux_std`` hold one value (broadcast to every aux channel) or one per
+    channel. The aux default (0.5, 0.5) maps [0, 1] to [-1, 1].
+    """
+
+    rgb_mean: tuple[float, ...] = IMAGENET_MEAN
+    rgb_std: tuple[float, ...] = IMAGENET_STD
+    aux_mean: tuple[float, ...] = (0.5,)
+    aux_std: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self) -> None:
+        for name in ("rgb_mean", "rgb_std", "aux_mean", "aux_std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            object.__setattr__(self, name, value)
+            if not value:
+                raise ValueError(f"{name} must not be empty")
+        if len(self.rgb_mean) != 3 or len(self.rgb_std) != 3:
+            raise ValueError(f"rgb_mean and rgb_std need 3 values, got {self.rgb_mean}, {self.rgb_std}")
+        if min(self.rgb_std + self.aux_std) <= 0:
+            raise ValueError(f"rgb_std and aux_std must be > 0, got {self.rgb_std}, {self.aux_std}")
+
+
+@dataclass(frozen=True)
+class TrainTransformConfig:
+    """Training augmentation settings.
+
+    Attributes:
+        crop_size: ``(height, width)`` of the training crop.
+        scale_range: ``(low, high)`` of the uniform random rescale factor.
+        flip_prob: probability of a horizontal flip.
+        normalize: per-modality mean/std.
+        ignore_index: label value of padded pixels.
+    """
+
+    crop_size: tuple[int, int]
+    scale_range: tuple[float, float] = (0.5, 1.75)
+    flip_prob: float = 0.5
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    ignore_index: int = 255
+
+    def __post_init__(self) -> None:
+        crop = tuple(int(v) for v in self.crop_size)
+        if len(crop) != 2 or min(crop) < 1:
+            raise ValueError(f"crop_size must be two positive ints (height, width), got {self.crop_size}")
+        scale = tuple(float(v) for v in self.scale_range)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if not isinstance(self.normalize, NormalizeConfig):
+            raise ValueError(f"normalize must be a NormalizeConfig, got {type(self.normalize).__name__}")
+        object.__setattr__(self, "crop_size", crop)
+        object.__setattr__(self, "scale_range", scale)
+
+
+#: Usual training settings per dataset (``docs/datasets.md``); crop is (height, width).
+DEFAULT_TRAIN_SETTINGS: dict[str, dict[str, Any]] = {
+    "nyudv2": {"crop_size": (480, 640), "scale_range": (0.5, 1.75)},
+    "sunrgbd": {"crop_size": (480, 480), "scale_range": (0.5, 1.75)},
+    "mfnet": {"crop_size": (480, 640), "scale_range": (0.5, 1.75)},
+    "pst900": {"crop_size": (720, 1280), "scale_range": (0.5, 1.75)},
+    "whu_opt_sar": {"crop_size": (512, 512), "scale_range": (0.5, 1.75)},
+    "synthetic": {"crop_size": (128, 128), "scale_range": (0.75, 1.25)},
+}
+
+
+# --------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------
+def _nearest_indices(src: int, dst: int, device: torch.device) -> torch.Tensor:
+    """Source index of each destination pixel for nearest resampling (pixel centres)."""
+    idx = ((torch.arange(dst, device=device, dtype=torch.float64) + 0.5) * (src / dst)).floor().long()
+    return idx.clamp_(max=src - 1)
+
+
+def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
+    """Resize rgb/aux bilinearly and the label by nearest neighbour to ``size`` (H, W)."""
+    h, w = sample["label"].shape[-2:]
+    if (h, w) == tuple(size):
+        return sample
+    out = dict(sample)
+    for key in ("rgb", "aux"):
+        out[key] = F.interpolate(sample[key][None], size=size, mode="bilinear", align_corners=False)[0]  # [C, h', w']
+    label = sample["label"]
+    rows = _nearest_indices(h, size[0], label.device)
+    cols = _nearest_indices(w, size[1], label.device)
+    out["label"] = label[rows][:, cols]  # [h', w'], values taken from the input only
+    return out
+
+
+class Compose:
+    """Apply transforms in order, passing the same generator to each."""
+
+    def __init__(self, transforms: Sequence[Any]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        for t in self.transforms:
+            sample = t(sample, generator)
+        return sample
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(repr(t) for t in self.transforms) + ")"
+
+
+class RandomScale:
+    """Rescale by a factor drawn uniformly from ``scale_range`` (both sides, same factor)."""
+
+    def __init__(self, scale_range: tuple[float, float]) -> None:
+        self.scale_range = scale_range
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        lo, hi = self.scale_range
+        factor = lo + (hi - lo) * _rand(generator)
+        h, w = sample["label"].shape[-2:]
+        return resize_sample(sample, (max(1, round(h * factor)), max(1, round(w * factor))))
+
+    def __repr__(self) -> str:
+        return f"RandomScale({self.scale_range})"
+
+
+class RandomHorizontalFlip:
+    """Flip rgb, aux and label left-right together with probability ``p``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        if _rand(generator) >= self.p:
+            return sample
+        out = dict(sample)
+        for key in ("rgb", "aux", "label"):
+            out[key] = sample[key].flip(-1)
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class RandomCrop:
+    """Random ``size`` crop, padding where the sample is smaller than the crop.
+
+    The sample is (virtually) padded at the bottom/right up to ``size`` and a window is
+    drawn uniformly; padded pixels get ``rgb_fill`` / ``aux_fill`` (one value, or one per
+    channel) and ``label_fill`` (the ignore value). Only the window is materialised.
+    """
+
+    def __init__(self, size: tuple[int, int], rgb_fill: float | Sequence[float] = 0.0,
+                 aux_fill: float | Sequence[float] = 0.0, label_fill: int = 255) -> None:
+        self.size = size
+        self.fills = {"rgb": rgb_fill, "aux": aux_fill, "label": label_fill}
+
+    def _window(self, x: torch.Tensor, fill: float | Sequence[float], top: int, left: int) -> torch.Tensor:
+        ch, cw = self.size
+        src = x[..., top : top + ch, left : left + cw]  # [..., <=ch, <=cw]
+        if src.shape[-2:] == (ch, cw):
+            return src
+        fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
+        if x.dim() == 3:
+            fill_t = fill_t.reshape(-1, 1, 1)  # one value per channel, or one for all
+        out = fill_t.expand(*x.shape[:-2], ch, cw).clone()  # [..., ch, cw]
+        out[..., : src.shape[-2], : src.shape[-1]] = src
+        return out
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        ch, cw = self.size
+        h, w = sample["label"].shape[-2:]
+        top = int(_rand(generator) * (max(h, ch) - ch + 1))
+        left = int(_rand(generator) * (max(w, cw) - cw + 1))
+        out = dict(sample)
+        for key in ("rgb", "aux", "label"):
+            out[key] = self._window(sample[key], self.fills[key], top, left)
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomCrop(size={self.size}, fills={self.fills})"
+
+
+class Normalize:
+    """``(x - mean) / std`` per channel for rgb and aux (aux stats broadcast if length 1)."""
+
+    def __init__(self, config: NormalizeConfig = NormalizeConfig()) -> None:
+        self.config = config
+        self._rgb_mean = torch.tensor(config.rgb_mean).view(-1, 1, 1)
+        self._rgb_std = torch.tensor(config.rgb_std).view(-1, 1, 1)
+        self._aux_mean = torch.tensor(config.aux_mean).view(-1, 1, 1)
+        self._aux_std = torch.tensor(config.aux_std).view(-1, 1, 1)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        aux = sample["aux"]
+        if self._aux_mean.shape[0] not in (1, aux.shape[0]) or self._aux_std.shape[0] not in (1, aux.shape[0]):
+            raise ValueError(
+                f"aux has {aux.shape[0]} channels but aux_mean/aux_std have "
+                f"{self._aux_mean.shape[0]}/{self._aux_std.shape[0]} values"
+            )
+        out = dict(sample)
+        rgb = sample["rgb"]
+        out["rgb"] = (rgb - self._rgb_mean.to(rgb)) / self._rgb_std.to(rgb)
+        out["aux"] = (aux - self._aux_mean.to(aux)) / self._aux_std.to(aux)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Normalize({self.config})"
+
+
+# --------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------
+def default_train_config(name: str, **overrides: Any) -> TrainTransformConfig:
+    """The usual training config of dataset ``name`` with fields replaced by ``overrides``."""
+    key = name.lower().replace("-", "_")
+    if key not in DEFAULT_TRAIN_SETTINGS:
+        raise ValueError(f"no default transform settings for {name!r}; known: {sorted(DEFAULT_TRAIN_SETTINGS)}")
+    return replace(TrainTransformConfig(**DEFAULT_TRAIN_SETTINGS[key]), **overrides)
+
+
+def build_transforms(
+    name: str,
+    train: bool,
+    config: TrainTransformConfig | None = None,
+    normalize: NormalizeConfig | None = None,
+) -> Compose:
+    """Training or evaluation transforms for dataset ``name``.
+
+    ``train=True`` builds scale -> crop -> flip -> normalise from ``config`` (default:
+    :func:`default_train_config`); ``train=False`` only normalises, at full size.
+    ``normalize`` overrides the mean/std of either.
+    """
+    if name.lower().replace("-", "_") not in DEFAULT_TRAIN_SETTINGS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DEFAULT_TRAIN_SETTINGS)}")
+    if train:
+        config = config or default_train_config(name)
+        if normalize is not None:
+            config = replace(config, normalize=normalize)
+        norm = config.normalize
+        return Compose([
+            RandomScale(config.scale_range),
+            # padding with the mean makes padded pixels exactly 0 after normalisation
+            RandomCrop(config.crop_size, rgb_fill=norm.rgb_mean, aux_fill=norm.aux_mean,
+                       label_fill=config.ignore_index),
+            RandomHorizontalFlip(config.flip_prob),
+            Normalize(norm),
+        ])
+    return Compose([Normalize(normalize or NormalizeConfig())])
