@@ -8,7 +8,21 @@ from torch import nn
 from .backbone import BackboneSpec
 from .config import GoptConfig
 from .heads import build_head
+from .inject import map_patch_tokens
 from .prompter import AuxPatchEmbed, GroupingPrompter, PromptState
+
+
+@torch.no_grad()
+def xavier_init_(module: nn.Module) -> None:
+    """GoPT's initialisation (paper, Experimental Setup): Xavier-uniform weights, zero biases,
+    fresh norms, for every linear and conv layer inside ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, (nn.LayerNorm, nn.BatchNorm2d)):
+            layer.reset_parameters()
 
 
 class GoptAdapter(nn.Module):
@@ -33,12 +47,7 @@ class GoptAdapter(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Xavier-uniform for prompter weights (paper), zero up-projection (identity at init)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
-                module.reset_parameters()
+        xavier_init_(self)
         nn.init.xavier_uniform_(self.class_tokens)
         for prompter in self.prompters:
             nn.init.zeros_(prompter.up.weight)
@@ -55,16 +64,15 @@ class GoptAdapter(nn.Module):
         slot = self._slot.get(block_index)
         if slot is None:
             return x, state
-        prompter = self.prompters[slot]
-        if x.ndim == 4:  # SAM-style [B, h, w, D] token map
-            batch, height, width, dim = x.shape
-            patches, state = prompter(x.reshape(batch, height * width, dim), state)
-            return patches.reshape(batch, height, width, dim), state
-        prefix_len = self.spec.num_prefix_tokens
-        patches, state = prompter(x[:, prefix_len:], state)  # prefix tokens stay untouched
-        if prefix_len:
-            patches = torch.cat([x[:, :prefix_len], patches], dim=1)  # [B, P + S, D]
-        return patches, state
+        prompter, carried = self.prompters[slot], []
+
+        def update(patches: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, S, D]
+            prompted, new_state = prompter(patches, state)
+            carried.append(new_state)
+            return prompted
+
+        x = map_patch_tokens(x, self.spec.num_prefix_tokens, update)  # prefix tokens stay untouched
+        return x, carried[0]
 
     def extra_repr(self) -> str:
         return f"blocks={list(self.block_indices)}"

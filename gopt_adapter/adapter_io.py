@@ -93,6 +93,8 @@ def _checksum(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) 
 
 def encode_adapter(adapter: GoptAdapter, backbone: Mapping[str, Any], dtype: torch.dtype | None = None) -> bytes:
     """Serialises an adapter to the bytes of a safetensors file (floating tensors cast to ``dtype``)."""
+    if not isinstance(adapter, GoptAdapter):
+        raise TypeError(f"adapter files hold GoPT adapters, not {type(adapter).__name__}")
     if dtype is not None and dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {_SAVE_DTYPES} or None, got {dtype}")
     tensors = {}

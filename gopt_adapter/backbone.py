@@ -116,6 +116,14 @@ def _block_width(block: nn.Module) -> int | None:
     return int(shape[0]) if shape else None
 
 
+def weights_version(module: nn.Module) -> tuple:
+    """Cheap identity of a module's current weights: storage, dtype and in-place version of
+    every state tensor. It changes whenever a tensor is replaced (``.half()``, ``.to()``) or
+    modified in place (``copy_``, an optimizer step), so a cached digest can be revalidated
+    without hashing."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in module.state_dict().values())
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a tensor (any dtype, bf16 included) without a copy when possible."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)

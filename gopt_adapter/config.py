@@ -46,9 +46,9 @@ class GoptConfig:
 
     def __post_init__(self) -> None:
         for name in ("aux_channels", "num_classes", "interval", "hidden_dim", "head_channels"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.num_groups is not None:
-            _check_positive_int("num_groups", self.num_groups)
+            check_positive_int("num_groups", self.num_groups)
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if self.head not in HEADS:
@@ -106,6 +106,6 @@ def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

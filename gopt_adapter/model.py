@@ -22,7 +22,7 @@ from .adapter_io import (
     read_adapter_file,
     save_adapter,
 )
-from .backbone import BackboneSpec, weights_digest
+from .backbone import BackboneSpec, weights_digest, weights_version
 from .config import GoptConfig
 from .inject import PromptContext, PromptedBlock, is_wrapped, unwrap_blocks, wrap_blocks
 
@@ -45,7 +45,7 @@ class GoptSegmenter(nn.Module):
                  adapter_name: str = DEFAULT_ADAPTER, weights_sha256: str | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self._weights_sha256 = weights_sha256
+        self._digest_cache = (weights_version(model), weights_sha256) if weights_sha256 else None
         self._original = {
             "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
             "training": model.training,
@@ -187,10 +187,15 @@ class GoptSegmenter(nn.Module):
 
     # -------------------------------------------------------- files & identity
     def backbone_fingerprint(self) -> dict[str, Any]:
-        """Backbone identity stored in adapter files; the weight digest is computed once."""
-        if self._weights_sha256 is None:
-            self._weights_sha256 = weights_digest(self.backbone)
-        return fingerprint(self.spec, self._weights_sha256)
+        """Backbone identity stored in adapter files.
+
+        The SHA-256 of the frozen weights is computed once and reused for as long as no
+        backbone tensor is replaced or modified in place (checked through tensor versions).
+        """
+        version = weights_version(self.backbone)
+        if self._digest_cache is None or self._digest_cache[0] != version:
+            self._digest_cache = (version, weights_digest(self.backbone))
+        return fingerprint(self.spec, self._digest_cache[1])
 
     def save_pretrained(self, directory: str | os.PathLike, adapter_name: str | None = None,
                         dtype: torch.dtype | None = None) -> Path:
@@ -223,7 +228,7 @@ class GoptSegmenter(nn.Module):
             raise AdapterError(f"{directory / CONFIG_NAME}: invalid ({exc})") from None
         if manifest_config != file.config:
             raise AdapterError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree on the config")
-        _check_unwrapped(model)
+        check_unwrapped(model)
         spec = BackboneSpec.from_model(model)
         digest = weights_digest(model)
         check_backbone(file, fingerprint(spec, digest), allow_backbone_mismatch)
@@ -234,7 +239,7 @@ class GoptSegmenter(nn.Module):
         return f"active_adapter={self._active!r}"
 
 
-def _check_unwrapped(model: nn.Module) -> None:
+def check_unwrapped(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_gopt needs a timm model (nn.Module), got {type(model).__name__}")
     if is_wrapped(model):
@@ -251,7 +256,7 @@ def apply_gopt(model: nn.Module, aux_channels: int, num_classes: int, interval: 
     frozen model's features until training moves the (zero-initialised) up-projections.
     """
     config = GoptConfig.from_options(aux_channels, num_classes, interval, **options)
-    _check_unwrapped(model)
+    check_unwrapped(model)
     spec = BackboneSpec.from_model(model)
     adapter = GoptAdapter(config, spec)
     return GoptSegmenter(model, spec, adapter)

@@ -30,12 +30,12 @@ class AuxPatchEmbed(nn.Module):
     both streams covers the same pixels; a full-width embedding would break the budget.
     """
 
-    def __init__(self, in_chans: int, dim: int, patch_size: tuple[int, int], pad: bool) -> None:
+    def __init__(self, in_chans: int, dim: int, patch_size: tuple[int, int], pad: bool, norm: bool = True) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.pad = pad
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
     def forward(self, aux: torch.Tensor) -> torch.Tensor:
         if self.pad:  # bottom/right zero padding, as timm's PatchEmbed(dynamic_img_pad=True)

@@ -1,0 +1,224 @@
+"""Train and evaluate one variant on one dataset; writes ``results.json`` into ``--out``.
+
+    python -m benchmarks.run --dataset nyudv2 --root /data/NYUDepthv2 \\
+        --backbone vit_base_patch16_224.mae --weights mae_pretrain_vit_base.pth --variant gopt
+
+Settings come from ``benchmarks/configs/<dataset>.json`` (the paper's: batch 64, 60 epochs,
+AdamW, LR 4e-5, polynomial decay, MAE ViT-B) and are overridden by the flags. Launch with
+``torchrun --nproc_per_node N -m benchmarks.run ...`` for DDP. Every input is checked before
+any training starts; ``--resume`` continues an interrupted run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from gopt_adapter import GoptSegmenter, count_parameters, save_adapter
+from gopt_adapter.baselines import VARIANTS, build_variant
+from gopt_adapter.datasets import DATASETS, get_dataset
+from gopt_adapter.engine import TrainConfig, Trainer, default_device, init_distributed, seed_everything
+from gopt_adapter.transforms import build_transforms, default_train_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class UsageError(Exception):
+    """A bad command line or input: reported in one line, before any work."""
+
+
+@dataclass
+class RunConfig:
+    """One experiment: dataset, backbone, variant and optimisation settings."""
+
+    dataset: str
+    variant: str = "gopt"
+    root: str | None = None
+    backbone: str = "vit_base_patch16_224.mae"
+    weights: str | None = None
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    val_options: dict[str, Any] = field(default_factory=dict)
+    transforms: dict[str, Any] = field(default_factory=dict)
+    variant_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    train_split: str = "train"
+    val_split: str = "test"
+    out: str = "runs/default"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
+    parser.add_argument("--root", help="folder of your copy of the dataset (not needed for synthetic)")
+    parser.add_argument("--variant", default="gopt", help=f"one of {sorted(VARIANTS)}")
+    parser.add_argument("--config", help="JSON settings file (default: benchmarks/configs/<dataset>.json)")
+    parser.add_argument("--backbone", help="timm model name (default from the config)")
+    parser.add_argument("--weights", help="pretrained weights file for the backbone (.pth/.safetensors)")
+    parser.add_argument("--out", help="output folder (default runs/<dataset>_<variant>)")
+    parser.add_argument("--train-split", help="split to train on (default train)")
+    parser.add_argument("--val-split", help="split to evaluate on (default test; synthetic: val)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, JSON value, dotted key: train.epochs=2, "
+                             "dataset_options.mode=\"thermal\", variant_options.hidden_dim=16 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def load_run_config(args: argparse.Namespace) -> RunConfig:
+    """Config file, then the flags, then ``--set`` overrides; validated."""
+    dataset = args.dataset.lower().replace("-", "_")
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; choose one of {sorted(DATASETS)}")
+    path = Path(args.config) if args.config else CONFIG_DIR / f"{dataset}.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid JSON: {exc}") from None
+    raw["dataset"] = dataset
+    for key in ("root", "variant", "backbone", "weights", "out", "train_split", "val_split"):
+        if getattr(args, key, None) is not None:
+            raw[key] = getattr(args, key)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # bare strings are fine: --set dataset_options.mode=thermal
+        target = raw
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = parsed
+    if dataset == "synthetic":
+        raw.setdefault("val_split", "val")
+    raw.setdefault("out", f"runs/{dataset}_{raw.get('variant', 'gopt')}")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UsageError(f"unknown settings {unknown} in {path} or --set; valid: {sorted(known)}")
+    try:
+        raw["train"] = TrainConfig(**raw.get("train", {}))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"invalid train settings: {exc}") from None
+    config = RunConfig(**raw)
+    if config.variant not in VARIANTS:
+        raise UsageError(f"unknown variant {config.variant!r}; choose one of {sorted(VARIANTS)}")
+    if dataset != "synthetic":
+        if not config.root:
+            raise UsageError(f"--root is required for {dataset}: the folder of your copy of the dataset")
+        if not Path(config.root).is_dir():
+            raise UsageError(f"dataset root {config.root} does not exist or is not a folder")
+    if config.weights and not Path(config.weights).is_file():
+        raise UsageError(f"weights file {config.weights} not found")
+    return config
+
+
+def build_backbone(config: RunConfig) -> torch.nn.Module:
+    """The timm backbone with the user's weights, ready for dense prediction at any size."""
+    kwargs = {"num_classes": 0, "dynamic_img_size": True, **config.backbone_kwargs}
+    if config.weights:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(Path(config.weights).resolve())))
+    try:
+        model = timm.create_model(config.backbone, **kwargs)
+    except RuntimeError as exc:  # state-dict mismatch
+        raise UsageError(f"weights {config.weights} do not fit backbone {config.backbone}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise UsageError(f"cannot create backbone {config.backbone!r}: {exc}") from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
+    if patch[0] % 2 and not getattr(model.patch_embed, "dynamic_img_pad", False):
+        raise UsageError(f"{config.backbone} has patch size {patch}: add --set backbone_kwargs.dynamic_img_pad=true")
+    return model
+
+
+def build_datasets(config: RunConfig):
+    transforms = default_train_config(config.dataset, **{k: tuple(v) if isinstance(v, list) else v
+                                                          for k, v in config.transforms.items()})
+    try:
+        train_set = get_dataset(config.dataset, root=config.root, split=config.train_split,
+                                transform=build_transforms(config.dataset, True, transforms),
+                                **config.dataset_options)
+        val_set = get_dataset(config.dataset, root=config.root, split=config.val_split,
+                              transform=build_transforms(config.dataset, False, normalize=transforms.normalize),
+                              **{**config.dataset_options, **config.val_options})
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise UsageError(f"cannot read {config.dataset}: {exc}") from None
+    return train_set, val_set
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info = {"device": str(device), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(config: RunConfig, resume: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Trains and evaluates; returns (and on rank 0 writes) the results record."""
+    ctx = init_distributed()
+    seed_everything(config.train.seed)  # random-init backbones and adapter inits are reproducible
+    target = torch.device(device) if device else default_device(ctx)
+    train_set, val_set = build_datasets(config)
+    backbone = build_backbone(config)
+    num_classes = len(train_set.class_names)
+    try:
+        model = build_variant(config.variant, backbone, train_set.aux_channels, num_classes, **config.variant_options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot build variant {config.variant}: {exc}") from None
+    params = count_parameters(model)
+    trainer = Trainer(model, train_set, num_classes, config.train, config.out, val_set=val_set, device=target, ctx=ctx)
+    start = time.perf_counter()
+    metrics = trainer.fit(resume=resume)
+    wall = time.perf_counter() - start
+    record = {
+        "config": {**dataclasses.asdict(config), "train": dataclasses.asdict(config.train)},
+        "metrics": metrics,
+        "trainable_parameters": params.trainable,
+        "total_parameters": params.total,
+        "wall_time_s": wall,
+        "train_images_per_s": trainer.train_images / max(trainer.train_seconds, 1e-9),
+        "hardware": hardware(target),
+        "world_size": ctx.world_size,
+        "class_names": list(train_set.class_names),
+    }
+    if ctx.is_main:
+        out = Path(config.out)
+        if isinstance(model, GoptSegmenter):
+            save_adapter(model, out / "adapter.safetensors")
+        (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_run_config(args)
+        record = run(config, resume=args.resume, device=args.device)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = record["metrics"]
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}, indent=None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""The models GoPT is compared with (paper Table 4, Fig. 6 and 7), behind one call and one registry.
+
+Every variant is a :class:`~gopt_adapter.model.GoptSegmenter` (or the subclass
+:class:`BaselineSegmenter`), so all of them take the same batch and fail the same way::
+
+    model(rgb [B, 3, H, W], aux [B, C_aux, H, W]) -> logits [B, K, H, W]
+
+Input checks, the prompt injection before each block, the frozen-backbone bookkeeping, the
+head and the bilinear upsampling are GoPT's own code. A baseline differs only in its adapter
+(what it does to the tokens entering a block, see ``prompt``) and in which backbone weights
+train:
+
+========================  ==========================================  =======================
+variant                   what acts on the tokens                     backbone
+========================  ==========================================  =======================
+``foundation``            nothing (RGB only; aux checked, ignored)    trains, follows train()
+``fft``                   ``x + E(aux)`` before block 0               trains, follows train()
+``vpt_shallow``           ``x * (1 + E(aux))`` before block 0         frozen, eval mode
+``vpt_deep``              ``x * (1 + E_l(aux))`` before every block   frozen, eval mode
+``lora``                  ``x + Up(AuxPatchEmbed(aux))`` before 0,    frozen + trainable LoRA
+                          LoRA on ``attn.qkv`` / ``attn.proj``        (peft), eval mode
+``gopt*``                 grouping prompters (:func:`apply_gopt`)     frozen, eval mode
+========================  ==========================================  =======================
+
+``E`` and ``E_l`` are full-width ``Conv2d(C_aux, D, patch, patch)`` aux patch embeddings. All aux
+contributions start at zero, so every variant computes its RGB model at initialisation
+(FFT starts as Foundation; VPT, LoRA and GoPT start as the frozen backbone).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NoReturn
+
+import torch
+from torch import nn
+
+from .backbone import BackboneSpec
+from .adapter import xavier_init_
+from .config import HEADS, check_positive_int
+from .heads import build_head
+from .inject import map_patch_tokens
+from .model import DEFAULT_ADAPTER, GoptSegmenter, apply_gopt, check_unwrapped
+from .prompter import AuxPatchEmbed
+
+BACKBONE_TRAINING = ("frozen", "full", "lora")
+# timm's image-classification tail (forward_head): the dense head replaces it, no gradient
+# reaches it, so full fine-tuning leaves it frozen.
+CLASSIFIER_MODULES = ("fc_norm", "attn_pool", "head", "head_dist")
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class BaselineConfig:
+    """What a baseline adapter needs besides the backbone; ``GoptSegmenter`` reads ``aux_channels``.
+
+    ``variant`` is a label (the registry name) so a printed model says what it is.
+    """
+
+    variant: str
+    aux_channels: int
+    num_classes: int
+    head: str = "setr_naive"
+    head_channels: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("aux_channels", "num_classes", "head_channels"):
+            check_positive_int(name, getattr(self, name))
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+
+
+# ---------------------------------------------------------------- building blocks
+class FullWidthAuxEmbed(AuxPatchEmbed):
+    """``Conv2d(C_aux, D, patch, patch)`` on the backbone's patch grid, starting at zero.
+
+    ``[B, C_aux, H, W] -> [B, S, D]``. Reuses :class:`AuxPatchEmbed` (same kernel, stride and
+    padding rule as the frozen RGB patch embedding) without its LayerNorm: a zero-initialised
+    conv followed by a LayerNorm gives zero tokens at init but a ~1/sqrt(eps) gradient, so the
+    first optimiser step would jump to unit-scale prompts (and a zero LayerNorm gain would
+    block every gradient instead). The plain conv is also what the paper's VPT-style
+    variants and FFT describe: an embedding of the aux image at the backbone's width.
+    """
+
+    def __init__(self, in_chans: int, spec: BackboneSpec) -> None:
+        super().__init__(in_chans, spec.embed_dim, spec.patch_size, spec.dynamic_img_pad, norm=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+
+class NarrowAuxEmbed(nn.Module):
+    """GoPT's narrow :class:`AuxPatchEmbed` to width ``r``, then ``Linear(r, D)`` starting at zero.
+
+    ``[B, C_aux, H, W] -> [B, S, r] -> [B, S, D]``: the aux branch of the LoRA baseline, at
+    about a sixth of a full-width embedding's cost for ViT-B and one aux channel.
+    """
+
+    def __init__(self, in_chans: int, dim: int, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.embed = AuxPatchEmbed(in_chans, dim, spec.patch_size, spec.dynamic_img_pad)
+        self.up = nn.Linear(dim, spec.embed_dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        xavier_init_(self.embed)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, aux: torch.Tensor) -> torch.Tensor:
+        return self.up(self.embed(aux))  # [B, S, r] -> [B, S, D]
+
+
+# ------------------------------------------------------------------- adapters
+class BaselineAdapter(nn.Module):
+    """A baseline's own weights, shaped like :class:`GoptAdapter` for :class:`GoptSegmenter`.
+
+    The segmenter calls ``initial_state(aux)`` once per forward and ``prompt(block_index, x,
+    state)`` before every block, then ``head`` on the final features. This base class is the
+    RGB-only Foundation adapter: a head, and a ``prompt`` that leaves the tokens alone. Its
+    state is the aux image itself, which subclasses embed where they need it.
+    """
+
+    def __init__(self, config: BaselineConfig, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = spec
+        self.head = build_head(config.head, spec.num_features, config.num_classes, config.head_channels)
+        xavier_init_(self.head)
+
+    def initial_state(self, aux: torch.Tensor) -> torch.Tensor:
+        return aux  # [B, C_aux, H, W], handed unchanged from block to block
+
+    def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, aux
+
+    def extra_repr(self) -> str:
+        return f"variant={self.config.variant!r}"
+
+
+class AdditiveAuxAdapter(BaselineAdapter):
+    """Adds aux tokens to the patch tokens entering block 0: ``x <- x + aux_embed(aux)``.
+
+    FFT uses a :class:`FullWidthAuxEmbed` (its design follows the token-level fusion of
+    Wang et al. 2022c that the paper cites), LoRA a :class:`NarrowAuxEmbed`. Both start at
+    zero, so the model starts as its RGB model.
+    """
+
+    def __init__(self, config: BaselineConfig, spec: BackboneSpec, aux_embed: nn.Module) -> None:
+        super().__init__(config, spec)
+        self.aux_embed = aux_embed  # [B, C_aux, H, W] -> [B, S, D]
+
+    def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if block_index != 0:
+            return x, aux
+        return map_patch_tokens(x, self.spec.num_prefix_tokens, lambda patches: patches + self.aux_embed(aux)), aux
+
+
+class VptAdapter(BaselineAdapter):
+    """The paper's VPT-style variants: aux embeddings as prompts, multiplied in, not concatenated.
+
+    Before block ``l`` (block 0 only for shallow, every block for deep) the patch tokens
+    become ``x * (1 + E_l(aux))`` with ``E_l`` a zero-initialised :class:`FullWidthAuxEmbed`:
+    eq. 3's injection with an aux embedding in place of GoPT's grouping prompt.
+    """
+
+    def __init__(self, config: BaselineConfig, spec: BackboneSpec, deep: bool) -> None:
+        super().__init__(config, spec)
+        self.deep = bool(deep)
+        count = spec.depth if self.deep else 1
+        self.embeds = nn.ModuleList(FullWidthAuxEmbed(config.aux_channels, spec) for _ in range(count))
+
+    def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if block_index >= len(self.embeds):  # embeds[l] sits before block l, l = 0 .. count - 1
+            return x, aux
+        embed = self.embeds[block_index]
+        return map_patch_tokens(
+            x, self.spec.num_prefix_tokens, lambda patches: torch.addcmul(patches, patches, embed(aux))
+        ), aux  # x * (1 + E_l(aux)), [B, S, D]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, deep={self.deep}"
+
+
+# ------------------------------------------------------------------ segmenter
+class BaselineSegmenter(GoptSegmenter):
+    """A :class:`GoptSegmenter` whose backbone may train, holding one baseline adapter.
+
+    ``backbone_training``:
+
+    - ``"frozen"``: exactly GoPT's regime (VPT): no backbone weight trains, eval mode always.
+    - ``"full"``: every backbone weight on the feature path trains (all but timm's
+      classification tail, :data:`CLASSIFIER_MODULES`) and the backbone follows
+      ``train()``/``eval()`` (Foundation, FFT: full fine-tuning, dropout and drop-path active
+      in training).
+    - ``"lora"``: only the ``lora_`` weights peft put into the backbone train; the backbone
+      stays in eval mode as GoPT's does.
+
+    Baselines are benchmark models, not GoPT tasks: adapter files hold GoPT adapters only,
+    and a baseline's trained weights may live in the backbone, so ``save_pretrained``,
+    ``from_pretrained`` and ``add_adapter`` are refused. Save with
+    ``torch.save(segmenter.state_dict(), path)``.
+    """
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: BaselineAdapter,
+                 backbone_training: str = "frozen") -> None:
+        if backbone_training not in BACKBONE_TRAINING:
+            raise ValueError(f"backbone_training must be one of {BACKBONE_TRAINING}, got {backbone_training!r}")
+        super().__init__(model, spec, adapter, DEFAULT_ADAPTER)  # freezes the backbone, eval mode
+        self.backbone_training = backbone_training
+        for name, param in self.backbone.named_parameters():
+            if backbone_training == "full":
+                param.requires_grad_(name.split(".", 1)[0] not in CLASSIFIER_MODULES)
+            elif backbone_training == "lora" and "lora_" in name:
+                param.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "BaselineSegmenter":
+        super().train(mode)  # backbone back in eval mode
+        if getattr(self, "backbone_training", None) == "full":
+            self.backbone.train(mode)
+        return self
+
+    def _refuse(self, what: str) -> NoReturn:
+        raise NotImplementedError(
+            f"{what} handles GoPT adapters only; this is the {self.config.variant!r} baseline. "
+            "Save it with torch.save(segmenter.state_dict(), path)"
+        )
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> NoReturn:
+        self._refuse("save_pretrained")
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> NoReturn:
+        self._refuse("add_adapter")
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> NoReturn:
+        raise NotImplementedError("from_pretrained loads GoPT adapters only; use GoptSegmenter.from_pretrained")
+
+    def extra_repr(self) -> str:
+        return f"variant={self.config.variant!r}, backbone_training={self.backbone_training!r}"
+
+
+def _build(model: nn.Module, backbone_training: str,
+           make_adapter: Callable[[BackboneSpec], BaselineAdapter],
+           prepare: Callable[[nn.Module], None] | None = None) -> BaselineSegmenter:
+    """Validates ``model`` and every option before anything changes it, then wraps it."""
+    check_unwrapped(model)
+    spec = BackboneSpec.from_model(model)
+    adapter = make_adapter(spec)
+    if prepare is not None:
+        prepare(model)
+    return BaselineSegmenter(model, spec, adapter, backbone_training)
+
+
+# ------------------------------------------------------------------- builders
+def build_foundation(model: nn.Module, num_classes: int, head: str = "setr_naive", *,
+                     aux_channels: int = 1, head_channels: int = 256) -> BaselineSegmenter:
+    """Table 4 "Foundation": the RGB-only SETR, the whole ViT and the head fine-tuned.
+
+    The call stays ``model(rgb, aux)`` like every variant's; ``aux`` is checked (channel count
+    ``aux_channels``, batch and size equal to rgb's) and then ignored, so a benchmark feeds all
+    rows the same batches.
+    """
+    config = BaselineConfig("foundation", aux_channels, num_classes, head, head_channels)
+    return _build(model, "full", lambda spec: BaselineAdapter(config, spec))
+
+
+def build_fft(model: nn.Module, aux_channels: int, num_classes: int, head: str = "setr_naive", *,
+              head_channels: int = 256) -> BaselineSegmenter:
+    """Table 4 "FFT": full fine-tuning with an aux branch added to the tokens entering block 0.
+
+    The aux branch is a :class:`FullWidthAuxEmbed` (``Conv2d(C_aux, D, patch, patch)``,
+    starting at zero, so FFT starts as Foundation). Everything trains.
+    """
+    config = BaselineConfig("fft", aux_channels, num_classes, head, head_channels)
+    return _build(model, "full", lambda spec: AdditiveAuxAdapter(config, spec, FullWidthAuxEmbed(aux_channels, spec)))
+
+
+def build_vpt(model: nn.Module, aux_channels: int, num_classes: int, deep: bool, head: str = "setr_naive", *,
+              head_channels: int = 256) -> BaselineSegmenter:
+    """Table 4 "VPT-Shallow" (``deep=False``) and "VPT-Deep" (``deep=True``), see :class:`VptAdapter`.
+
+    Frozen backbone in eval mode; the aux embeddings and the head train: for ViT-B, 40
+    classes and one aux channel, 197,376 per embedding, so 0.41M (shallow) and 2.58M (deep)
+    with the SETR-naive head (paper: 0.54M and 3.39M with its unspecified head).
+    """
+    if not isinstance(deep, bool):
+        raise ValueError(f"deep must be a bool, got {deep!r}")
+    config = BaselineConfig("vpt_deep" if deep else "vpt_shallow", aux_channels, num_classes, head, head_channels)
+    return _build(model, "frozen", lambda spec: VptAdapter(config, spec, deep))
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError(
+            "the LoRA baseline needs peft, an optional extra: pip install 'gopt-adapter[peft]' (or 'peft>=0.12')"
+        ) from exc
+    return peft
+
+
+def lora_target_pattern(target_modules: tuple[str, ...]) -> str:
+    """Regex (peft full-matches it) for the attention linears of the blocks only.
+
+    ``blocks.<i>.attn.<name>`` for each name: suffix matching would also take
+    ``patch_embed.proj`` (a conv) and, for names like ``fc1``, the MLPs.
+    """
+    names = "|".join(re.escape(name) for name in target_modules)
+    return rf"blocks\.\d+\.attn\.(?:{names})"
+
+
+def _inject_lora(peft, model: nn.Module, target_modules: tuple[str, ...], r: int, alpha: float) -> None:
+    """Puts peft LoRA layers (no dropout) on ``blocks.<i>.attn.<target>``; checks the targets first."""
+    pattern = lora_target_pattern(target_modules)
+    targets = [module for name, module in model.named_modules() if re.fullmatch(pattern, name)]
+    if not targets or not all(type(module) is nn.Linear for module in targets):
+        found = sorted({name.split(".attn.", 1)[1] for name, module in model.named_modules()
+                        if re.fullmatch(r"blocks\.\d+\.attn\.[^.]+", name) and isinstance(module, nn.Linear)})
+        raise ValueError(
+            f"target_modules {target_modules} must name nn.Linear layers of the blocks' attn; "
+            f"this model's attention linears are {found}"
+        )
+    lora_config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=pattern, lora_dropout=0.0, bias="none")
+    peft.inject_adapter_in_model(lora_config, model)
+
+
+def build_lora(model: nn.Module, aux_channels: int, num_classes: int, r: int = 8, alpha: float = 16,
+               target_modules: tuple[str, ...] = ("qkv", "proj"), head: str = "setr_naive", *,
+               aux_dim: int = 32, head_channels: int = 256) -> BaselineSegmenter:
+    """The baseline a user would reach for today (not in the paper): LoRA plus a narrow aux branch.
+
+    peft puts LoRA (rank ``r``, scale ``alpha / r``, no dropout, ``lora_B`` at zero) on
+    ``blocks.<i>.attn.<target>`` for each of ``target_modules`` (timm ViT: ``qkv``, ``proj``;
+    the MLP is untouched). The aux image enters through a :class:`NarrowAuxEmbed` of width
+    ``aux_dim`` added to the tokens entering block 0. The backbone is otherwise frozen and in
+    eval mode. At init the model computes the frozen backbone. Every option is checked before
+    peft changes ``model``.
+    """
+    peft = _import_peft()
+    config = BaselineConfig("lora", aux_channels, num_classes, head, head_channels)
+    for name, value in (("r", r), ("aux_dim", aux_dim)):
+        check_positive_int(name, value)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if isinstance(target_modules, str) or not target_modules or not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(f"target_modules must be a non-empty tuple of module names, got {target_modules!r}")
+    return _build(
+        model, "lora",
+        lambda spec: AdditiveAuxAdapter(config, spec, NarrowAuxEmbed(aux_channels, aux_dim, spec)),
+        prepare=lambda m: _inject_lora(peft, m, tuple(target_modules), r, alpha),
+    )
+
+
+def _build_gopt_shallow(model: nn.Module, aux_channels: int, num_classes: int, **options: Any) -> GoptSegmenter:
+    """GoPT-Shallow: one grouping prompter, before block 0 (``interval`` = the backbone depth)."""
+    if "interval" in options:
+        raise ValueError("variant 'gopt_shallow' fixes interval to the backbone depth; choose another variant")
+    depth = BackboneSpec.from_model(model).depth
+    return apply_gopt(model, aux_channels, num_classes, interval=depth, **options)
+
+
+def _build_foundation_variant(model: nn.Module, aux_channels: int, num_classes: int, **options: Any) -> nn.Module:
+    return build_foundation(model, num_classes, aux_channels=aux_channels, **options)
+
+
+# ------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Variant:
+    """One comparison row: a builder ``(model, aux_channels, num_classes, **options)`` and the
+    options it is pinned to (the caller may add others, not override these)."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    fixed: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    frozen_backbone: bool = True  # the pretrained weights never change (VPT, LoRA, GoPT)
+    paper: str | None = None  # the Table 4 / figure row it reproduces
+    summary: str = ""
+
+    def build(self, model: nn.Module, aux_channels: int, num_classes: int, **options: Any) -> nn.Module:
+        clash = sorted(set(options) & set(self.fixed))
+        if clash:
+            raise ValueError(f"variant {self.name!r} fixes {clash} to {dict(self.fixed)}; choose another variant")
+        return self.builder(model, aux_channels, num_classes, **self.fixed, **options)
+
+
+def _variant(name: str, builder: Callable[..., nn.Module], paper: str | None, summary: str,
+             frozen_backbone: bool = True, **fixed: Any) -> Variant:
+    return Variant(name, builder, MappingProxyType(fixed), frozen_backbone, paper, summary)
+
+
+_ALL = [
+    _variant("foundation", _build_foundation_variant, "Table 4 Foundation",
+             "RGB-only SETR, full fine-tuning; aux ignored", frozen_backbone=False),
+    _variant("fft", build_fft, "Table 4 FFT", "full fine-tuning, full-width aux tokens added before block 0",
+             frozen_backbone=False),
+    _variant("vpt_shallow", build_vpt, "Table 4 VPT-Shallow", "x * (1 + E(aux)) before block 0", deep=False),
+    _variant("vpt_deep", build_vpt, "Table 4 VPT-Deep", "x * (1 + E_l(aux)) before every block", deep=True),
+    _variant("lora", build_lora, None, "LoRA on attn.qkv/attn.proj + narrow aux tokens added before block 0"),
+    _variant("gopt", apply_gopt, "Table 4 GoPT", "a grouping prompter before every block", interval=1),
+    _variant("gopt_shallow", _build_gopt_shallow, "Table 4 GoPT-Shallow", "one grouping prompter, before block 0"),
+    _variant("gopt_no_cup", apply_gopt, "Table 4 GoPT (w/o CUP)", "grouping prompters without CUP", use_cup=False),
+    _variant("gopt_no_acp", apply_gopt, "Table 4 GoPT (w/o ACP)", "grouping prompters without ACP", use_acp=False),
+    _variant("gopt_soft", apply_gopt, "Fig. 7 soft", "soft instead of hard group assignment", assignment="soft"),
+    *(
+        _variant(f"gopt_i{interval}", apply_gopt, "Fig. 6", f"a grouping prompter every {interval} blocks",
+                 interval=interval)
+        for interval in (1, 2, 4, 6, 12)
+    ),
+]
+VARIANTS: Mapping[str, Variant] = MappingProxyType({variant.name: variant for variant in _ALL})
+
+
+def build_variant(name: str, model: nn.Module, aux_channels: int, num_classes: int, **options: Any) -> nn.Module:
+    """Builds the variant ``name`` of :data:`VARIANTS` on ``model`` (a timm ViT holding its weights).
+
+    ``options`` go to the variant's builder (e.g. ``head``, ``r`` for LoRA, GoPT config fields
+    such as ``hidden_dim``). Interval variants larger than the backbone depth raise
+    ``ValueError`` from :func:`apply_gopt`.
+    """
+    variant = VARIANTS.get(name)
+    if variant is None:
+        raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return variant.build(model, aux_channels, num_classes, **options)
+
+
+__all__ = [
+    "AdditiveAuxAdapter",
+    "BaselineAdapter",
+    "BaselineConfig",
+    "BaselineSegmenter",
+    "FullWidthAuxEmbed",
+    "NarrowAuxEmbed",
+    "VARIANTS",
+    "Variant",
+    "VptAdapter",
+    "build_fft",
+    "build_foundation",
+    "build_lora",
+    "build_variant",
+    "build_vpt",
+    "lora_target_pattern",
+]
