@@ -130,3 +130,18 @@ def test_ddp_with_two_gloo_processes(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert single["miou"] == pytest.approx(record["metrics"]["miou"], abs=1e-12)
+
+
+def test_suite_puts_our_runs_beside_the_papers_numbers(tmp_path):
+    from benchmarks import suite
+
+    for seed, miou in ((0, 0.50), (1, 0.52)):
+        run_dir = tmp_path / f"nyu_gopt_{seed}"
+        run_dir.mkdir()
+        record = {"config": {"dataset": "nyudv2", "variant": "gopt"}, "trainable_parameters": 937224,
+                  "metrics": {"pixel_acc": 0.8, "mean_acc": 0.6, "miou": miou}}
+        (run_dir / "results.json").write_text(json.dumps(record))
+    text = suite.render(suite.collect(tmp_path))
+    table4 = text[text.index("Table 4"):]
+    gopt_row = next(line for line in table4.splitlines() if line.startswith("| GoPT |"))
+    assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in gopt_row

@@ -1,0 +1,28 @@
+"""The demo pipeline end to end, shrunk: foundation -> frozen + GoPT -> save -> reload."""
+
+from dataclasses import replace
+
+from gopt_adapter.cli import main
+from gopt_adapter.demo import DemoConfig, run_demo
+
+
+def test_small_demo_runs_and_reloads_identically(tmp_path, capsys):
+    config = DemoConfig()
+    config = replace(config, size=32, train_length=32, val_length=8, out=str(tmp_path),
+                     backbone_kwargs={**config.backbone_kwargs, "img_size": 32, "depth": 2},
+                     foundation=replace(config.foundation, epochs=1, warmup_steps=0),
+                     gopt=replace(config.gopt, epochs=1, warmup_steps=0))
+    result = run_demo(config, progress=False)
+    assert result["reloaded_identical"]
+    assert result["gopt_trainable"] < 1_000_000
+    assert (tmp_path / "gopt_adapter.safetensors").stat().st_size == result["adapter_bytes"]
+    table = capsys.readouterr().out
+    assert "| GoPT (frozen foundation + adapter) |" in table and "predicts identically: yes" in table
+
+
+def test_cli_rejects_unknown_commands(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["fly"])
+    assert "invalid choice" in capsys.readouterr().err
