@@ -145,3 +145,41 @@ def test_suite_puts_our_runs_beside_the_papers_numbers(tmp_path):
     table4 = text[text.index("Table 4"):]
     gopt_row = next(line for line in table4.splitlines() if line.startswith("| GoPT |"))
     assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in gopt_row
+
+
+TINY_BACKBONE = ["--backbone", "vit_base_patch16_224", "--set",
+                 'backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32, '
+                 '"dynamic_img_pad": true}',
+                 "--set", "transforms.crop_size=[16, 24]", "--set", "train.epochs=1", "--set", "train.batch_size=2",
+                 "--set", "train.progress=false", "--device", "cpu"]
+
+
+def make_layout(dataset, root):
+    import datasets_helpers as helpers
+
+    splits = {"train": ["a", "b", "c", "d"], "test": ["e", "f"]}
+    if dataset in ("nyudv2", "sunrgbd"):
+        helpers.make_nyudv2(root, splits, h=20, w=28, **({} if dataset == "nyudv2" else
+                                                        {"label_folder": "labels", "num_classes": 37}))
+    elif dataset == "mfnet":
+        helpers.make_mfnet(root, {**splits, "val": ["g"]}, h=20, w=28)
+    elif dataset == "pst900":
+        helpers.make_pst900(root, splits, h=20, w=28)
+    else:
+        from gopt_adapter.datasets import tile_whu_opt_sar
+
+        helpers.make_whu_scenes(root / "scenes", [f"s{i}" for i in range(5)], h=40, w=56)
+        tile_whu_opt_sar(root / "scenes", root / "tiles", tile_size=16, progress=False)
+        return root / "tiles"
+    return root
+
+
+@pytest.mark.parametrize("dataset", ["nyudv2", "sunrgbd", "mfnet", "pst900", "whu_opt_sar"])
+def test_runner_on_tiny_copies_of_each_layout(dataset, tmp_path):
+    root = make_layout(dataset, tmp_path / "data")
+    out = tmp_path / "run"
+    assert runner.main(["--dataset", dataset, "--root", str(root), "--variant", "gopt", "--out", str(out),
+                        *TINY_BACKBONE]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["dataset"] == dataset and 0 <= record["metrics"]["miou"] <= 1
+    assert (out / "adapter.safetensors").exists()
