@@ -188,8 +188,19 @@ def check_tensors(file: AdapterFile, adapter: GoptAdapter) -> None:
         for name, tensor in expected.items()
         if name in file.tensors and file.tensors[name].shape != tensor.shape
     ]
+    wrong += [
+        f"{name} has dtype {file.tensors[name].dtype}"
+        for name, tensor in expected.items()
+        if name in file.tensors and not _dtype_fits(file.tensors[name].dtype, tensor.dtype)
+    ]
     if missing or extra or wrong:
-        raise AdapterError(f"{file.path}: tensors do not fit the adapter (missing {missing}, unexpected {extra}, shape {wrong})")
+        raise AdapterError(f"{file.path}: tensors do not fit the adapter (missing {missing}, unexpected {extra}, "
+                           f"shape/dtype {wrong})")
+
+
+def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
+    """Floating tensors may be stored in any of the save dtypes; others exactly as in memory."""
+    return stored in _SAVE_DTYPES if expected.is_floating_point else stored == expected
 
 
 def adapter_from_file(file: AdapterFile, spec: BackboneSpec) -> GoptAdapter:

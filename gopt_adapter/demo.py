@@ -41,7 +41,7 @@ class DemoConfig:
         embed_dim=96, depth=4, num_heads=3, patch_size=8, img_size=64, dynamic_img_size=True))
     foundation: TrainConfig = TrainConfig(epochs=6, batch_size=16, lr=1e-3, weight_decay=0.01, warmup_steps=10,
                                           amp=False, log_every=8)
-    gopt: TrainConfig = TrainConfig(epochs=6, batch_size=16, lr=3e-3, weight_decay=0.01, warmup_steps=10,
+    gopt: TrainConfig = TrainConfig(epochs=15, batch_size=16, lr=3e-3, weight_decay=0.01, warmup_steps=10,
                                     amp=False, log_every=8)
     out: str = "runs/demo"
 

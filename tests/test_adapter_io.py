@@ -486,3 +486,19 @@ def test_backbone_never_touched_by_io(files, tmp_path):
             load_adapter(segmenter, files / bad)
     assert_bitwise_equal(before, snapshot(segmenter.backbone))
     assert not any(p.requires_grad for p in segmenter.backbone.parameters())
+
+
+def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
+    """A well-formed file whose tensors have a dtype we never write (float64, int32 counters)."""
+    from gopt_adapter.adapter_io import encode_adapter
+
+    segmenter = build(CONFIGS["default"], seed=0)
+    before = snapshot(segmenter)
+    segmenter.adapter.double()
+    data = encode_adapter(segmenter.adapter, segmenter.backbone_fingerprint())  # valid checksum, float64 tensors
+    segmenter.adapter.float()  # float32 -> float64 -> float32 is exact
+    path = tmp_path / "f64.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(AdapterError, match="dtype torch.float64"):
+        load_adapter(segmenter, path)
+    assert_bitwise_equal(before, snapshot(segmenter))
