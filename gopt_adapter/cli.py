@@ -1,28 +1,497 @@
-"""The ``gopt`` command line."""
+"""The ``gopt`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``inspect``.
+
+Errors a person can act on (a missing or undecodable image, RGB and aux of different
+sizes, an adapter made for another backbone, a bad option) are printed as one line,
+``error: <what>. <how to fix>``, on stderr with exit status 2; ``--debug`` (anywhere on the
+command line) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import math
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+RUNNER_PROG = "python -m benchmarks.run"
+DEBUG_HELP = "show the full traceback of an error (accepted anywhere on the command line)"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gopt", description="GoPT adapters for frozen timm ViTs")
-    commands = parser.add_subparsers(dest="command", required=True)
+class CliError(Exception):
+    """An error reported as one line: what went wrong, then how to fix it."""
+
+    def __init__(self, what: str, fix: str = "") -> None:
+        self.what, self.fix = " ".join(str(what).split()).rstrip("."), " ".join(fix.split())
+        super().__init__(f"{self.what}. {self.fix}" if self.fix else f"{self.what}.")
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gopt", description="GoPT adapters for frozen timm ViTs: train, evaluate, predict, inspect.",
+        epilog="Run 'gopt COMMAND --help' for the options of a command. --debug (anywhere): " + DEBUG_HELP + ".")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     demo = commands.add_parser("demo", help="train foundation + GoPT on the built-in synthetic world (CPU, minutes)")
     demo.add_argument("--mode", default="depth", choices=("depth", "thermal", "sar"), help="auxiliary modality")
     demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, logs and the adapter")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import DemoConfig, run_demo
 
-        result = run_demo(replace(DemoConfig(), mode=args.mode, out=args.out, seed=args.seed),
-                          progress=not args.no_progress)
-        return 0 if result["reloaded_identical"] else 1
-    return 2
+    commands.add_parser("train", add_help=False,
+                        help="train and evaluate one variant on one dataset (the benchmark runner; "
+                             "'gopt train --help' lists its options)")
+
+    ev = commands.add_parser(
+        "eval", help="evaluate a saved adapter on a dataset split and print the metrics",
+        description="Evaluates a saved adapter file on a split of a dataset and prints per-class IoU and the "
+                    "metrics (last line: JSON). The dataset, its transforms and the backbone come from "
+                    "benchmarks/configs/<dataset>.json (or --config) and the flags, exactly as 'gopt train' "
+                    "builds them, so an adapter written by 'gopt train' evaluates on the backbone it was trained on.")
+    ev.add_argument("--dataset", required=True, help="dataset registry name (nyudv2, sunrgbd, mfnet, pst900, "
+                                                     "whu_opt_sar, synthetic)")
+    ev.add_argument("--adapter", required=True, help="adapter file (.safetensors) to evaluate")
+    ev.add_argument("--root", help="folder of your copy of the dataset (not needed for synthetic)")
+    ev.add_argument("--split", help="split to evaluate (default: the config's val_split: test; synthetic: val)")
+    ev.add_argument("--config", help="JSON settings file (default: benchmarks/configs/<dataset>.json)")
+    ev.add_argument("--backbone", help="timm model name (default from the config)")
+    ev.add_argument("--weights", help="backbone weights file (.pth/.safetensors) the adapter was trained on")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting as in gopt train, e.g. val_options.length=64 or "
+                         "dataset_options.mode=\"thermal\" (repeatable)")
+    ev.add_argument("--window", type=int, help="sliding-window evaluation with this square window (pixels)")
+    ev.add_argument("--stride", type=int, help="stride of the sliding window (default: 2/3 of the window)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ev.add_argument("--allow-backbone-mismatch", action="store_true",
+                    help="evaluate even if the backbone weights differ from those the adapter was trained on")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+    pr = commands.add_parser(
+        "predict", help="segment real RGB + auxiliary image pairs; write label PNGs and figure panels",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Segments RGB + auxiliary (depth, thermal, SAR) image pairs with a saved adapter on its backbone.
+
+Inputs (PNG, JPEG, TIFF; 8- or 16-bit):
+  RGB AUX            two files of the same size
+  IMAGE              one 4-channel image, R, G, B + thermal (MFNet); also accepted as RGB and AUX
+  --pairs-dir DIR    DIR/rgb/ and DIR/aux/ matched by file stem; or, without rgb/, every image
+                     in DIR as a 4-channel MFNet image
+
+Writes OUT/<stem>_label.png (class ids, 8-bit grey for up to 256 classes) and
+OUT/<stem>_panel.png: RGB | auxiliary (colour-mapped) | prediction overlay, with a legend.
+
+The auxiliary image is scaled to [0, 1] as the dataset readers do (--aux-scale), then both
+are normalised with --rgb-mean/--rgb-std/--aux-mean/--aux-std (defaults: the training
+defaults). Images whose size is not a multiple of the patch size are zero-padded after
+normalisation (i.e. with the mean colour, like the training crop) at the bottom/right;
+the logits are cropped back to the input size.""",
+        epilog="example: gopt predict --backbone vit_base_patch16_224.mae --weights mae.pth --adapter "
+               "nyu.safetensors --class-names nyudv2 rgb.png depth.png -o out/")
+    pr.add_argument("inputs", nargs="*", metavar="IMAGE", help="RGB AUX, or one 4-channel image")
+    pr.add_argument("-o", "--out", required=True, help="output folder (created)")
+    pr.add_argument("--pairs-dir", metavar="DIR", help="folder of pairs: rgb/ + aux/ matched by stem (see above)")
+    pr.add_argument("--backbone", required=True, help="timm model name of the backbone the adapter was trained on")
+    pr.add_argument("--weights", help="backbone weights file (.safetensors/.pth); without it the backbone is "
+                                      "randomly initialised and the fingerprint check will fail")
+    pr.add_argument("--backbone-kwargs", metavar="JSON", help="extra timm.create_model arguments as a JSON object, "
+                                                              "e.g. '{\"embed_dim\":32,\"depth\":2,\"num_heads\":2}'")
+    pr.add_argument("--adapter", required=True, help="adapter file (.safetensors) written by save_adapter")
+    pr.add_argument("--allow-backbone-mismatch", action="store_true",
+                    help="run even if the backbone weights differ from those the adapter was trained on")
+    pr.add_argument("--class-names", metavar="NAMES",
+                    help="comma-separated names, or a dataset whose names to use (nyudv2, sunrgbd, mfnet, pst900, "
+                         "whu_opt_sar, synthetic[:mode]); default 'class 0', 'class 1', ...")
+    pr.add_argument("--aux-scale", choices=("fixed", "per_image"), default="fixed",
+                    help="fixed (default, as the readers): divide by --aux-max and clip; per_image: min-max per image")
+    pr.add_argument("--aux-max", type=float,
+                    help="divisor for --aux-scale fixed (default: the dtype maximum, 255 or 65535; "
+                         "10000 reads millimetre depth like the NYUDv2/SUN RGB-D readers)")
+    pr.add_argument("--rgb-mean", metavar="M,M,M", help="RGB mean of the normalisation (default ImageNet)")
+    pr.add_argument("--rgb-std", metavar="S,S,S", help="RGB std of the normalisation (default ImageNet)")
+    pr.add_argument("--aux-mean", metavar="M[,M..]", help="aux mean, one value or one per channel (default 0.5)")
+    pr.add_argument("--aux-std", metavar="S[,S..]", help="aux std, one value or one per channel (default 0.5)")
+    pr.add_argument("--aux-name", help="title of the auxiliary pane (default: Thermal, Depth or Auxiliary)")
+    pr.add_argument("--aux-cmap", choices=("viridis", "inferno", "gray"),
+                    help="colour map of the auxiliary pane (default: inferno for thermal, else viridis)")
+    pr.add_argument("--legend", choices=("present", "all"), default="present",
+                    help="legend of the classes in the prediction (default) or of all classes")
+    pr.add_argument("--alpha", type=float, default=0.6, help="opacity of the class colours in the overlay (0-1)")
+    pr.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+    ins = commands.add_parser(
+        "inspect", help="print an adapter file's config, parameters, dtype, size, backbone fingerprint and version",
+        description="Prints what an adapter file holds without loading a backbone: its GoPT config, trainable "
+                    "parameters, dtype, file size, the fingerprint of the backbone it was trained on and the "
+                    "library version that wrote it. The file is verified (checksum) first.")
+    ins.add_argument("file", help="adapter file (.safetensors), or a save_pretrained folder")
+    ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ins.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    return parser
+
+
+# --------------------------------------------------------------------------- entry
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        if argv and argv[0] == "train":
+            return _train(argv[1:])
+        args = build_parser().parse_args(argv)
+        if args.command == "demo":
+            from .demo import DemoConfig, run_demo
+
+            result = run_demo(replace(DemoConfig(), mode=args.mode, out=args.out, seed=args.seed),
+                              progress=not args.no_progress)
+            return 0 if result["reloaded_identical"] else 1
+        handlers = {"eval": _eval, "predict": _predict, "inspect": _inspect}
+        return handlers[args.command](args)
+    except CliError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- helpers
+def _import_runner():
+    """``benchmarks.run`` from the repository checkout (it is not part of the wheel)."""
+    try:
+        from benchmarks import run as runner
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]
+        if not (root / "benchmarks" / "run.py").is_file():
+            raise CliError("gopt train and gopt eval use the benchmark runner (benchmarks/run.py), which comes with "
+                           "the repository, not the installed package",
+                           "install from a clone: git clone ... && pip install -e . (or run python -m benchmarks.run "
+                           "inside the clone)") from None
+        sys.path.insert(0, str(root))
+        from benchmarks import run as runner
+    return runner
+
+
+def _adapter_error(exc: Exception, backbone_options: str = "--backbone, --backbone-kwargs and --weights",
+                   weights_given: bool = True) -> CliError:
+    message = str(exc)
+    if "adapter made for another backbone" in message:
+        return CliError(message, f"Use the {backbone_options} the adapter was trained with")
+    if "trained on other backbone weights" in message:
+        message = message.split("; pass allow_backbone_mismatch")[0]
+        first = ("Pass the --weights the adapter was trained on" if weights_given else
+                 "No --weights given, so the backbone has random weights: pass the weights file the adapter was "
+                 "trained on")
+        return CliError(message, f"{first}, or --allow-backbone-mismatch to run anyway (predictions may be poor)")
+    if "no such adapter file" in message:
+        return CliError(message, "Check the adapter path")
+    if "does not fit this backbone" in message:
+        return CliError(message, "Use the backbone the adapter was trained with")
+    return CliError(message, "The file is not a usable GoPT adapter; write it again with gopt_adapter.save_adapter")
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CliError(f"{name} {text!r} is not a comma-separated list of numbers",
+                       f"write it like {name} 0.5 or {name} 0.485,0.456,0.406") from None
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CliError(f"unknown device {name!r} ({exc})", "use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"device {name} requested but CUDA is not available", "use --device cpu")
+    return device
+
+
+# --------------------------------------------------------------------------- train
+def _train(rest: list[str]) -> int:
+    runner = _import_runner()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            args = runner.parse_args(rest)
+    except SystemExit as exc:  # --help or a parse error: show it under the name gopt train
+        def renamed(text: str) -> str:  # usage continuation lines are indented to the program name
+            indent = " " * (len("usage: ") + len(RUNNER_PROG) + 1)
+            text = text.replace("\n" + indent, "\n" + " " * (len("usage: ") + len("gopt train") + 1))
+            return text.replace(RUNNER_PROG, "gopt train")
+
+        sys.stdout.write(renamed(out.getvalue()))
+        sys.stderr.write(renamed(err.getvalue()))
+        if exc.code == 0 and ("-h" in rest or "--help" in rest):
+            print(f"\n  --debug               {DEBUG_HELP}")
+        return int(exc.code or 0)
+    try:
+        config = runner.load_run_config(args)
+        record = runner.run(config, resume=args.resume, device=args.device)
+    except runner.UsageError as exc:
+        raise CliError(str(exc), "See gopt train --help") from None
+    print(json.dumps({k: v for k, v in record["metrics"].items() if isinstance(v, float)}))
+    print(f"results.json and adapter.safetensors (GoPT variants) in {config.out}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def _eval(args: argparse.Namespace) -> int:
+    from .adapter_io import AdapterError, read_adapter_file
+    from .engine import evaluate, seed_everything
+    from .predict import load_segmenter
+
+    runner = _import_runner()
+    namespace = argparse.Namespace(dataset=args.dataset, root=args.root, variant=None, config=args.config,
+                                   backbone=args.backbone, weights=args.weights, out=None,
+                                   train_split=args.split, val_split=args.split, set=args.set)
+    try:
+        file = read_adapter_file(args.adapter)
+    except AdapterError as exc:
+        raise _adapter_error(exc) from None
+    device = _device(args.device)
+    try:
+        config = runner.load_run_config(namespace)
+        seed_everything(config.train.seed)  # as runner.run: random-init backbones come out identical
+        _, dataset = runner.build_datasets(config)
+        backbone = runner.build_backbone(config)
+    except runner.UsageError as exc:
+        raise CliError(str(exc), "See gopt eval --help") from None
+    try:
+        segmenter, file = load_segmenter(backbone, file, args.allow_backbone_mismatch)
+    except AdapterError as exc:
+        raise _adapter_error(exc, "--backbone, --weights and backbone_kwargs (--config or --set)",
+                             bool(config.weights)) from None
+    num_classes = file.config.num_classes
+    names = list(dataset.class_names)
+    if len(names) != num_classes:
+        raise CliError(f"the adapter predicts {num_classes} classes but {config.dataset} split {config.val_split!r} "
+                       f"has {len(names)}", "evaluate it on the dataset (and options) it was trained for")
+    if dataset.aux_channels != file.config.aux_channels:
+        raise CliError(f"the adapter takes {file.config.aux_channels} aux channel(s), the dataset gives "
+                       f"{dataset.aux_channels}", "set the dataset's aux option (e.g. --set dataset_options.aux=\"hha\")")
+    segmenter.to(device)
+    metrics = evaluate(segmenter, dataset, num_classes, device, window=args.window, stride=args.stride,
+                       amp=config.train.amp, progress=not args.no_progress)
+    width = max(len(n) for n in names)
+    print(f"{config.dataset} / {config.val_split}: {len(dataset)} images, adapter {args.adapter}")
+    print(f"{'class':<{width}}  {'IoU':>6}  {'acc':>6}")
+    for name, iou, acc in zip(names, metrics["iou"], metrics["acc"]):
+        fmt = lambda v: "     -" if math.isnan(v) else f"{100 * v:6.2f}"  # noqa: E731
+        print(f"{name:<{width}}  {fmt(iou)}  {fmt(acc)}")
+    print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
+          f"mean acc {100 * metrics['mean_acc']:.2f}")
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+def _pair_error(exc: Exception) -> CliError:
+    message = str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return CliError(message, "Check the path")
+    if "differ in size" in message:
+        return CliError(f"RGB and auxiliary image differ in size: {message.split(': ', 1)[-1]} (HxW)",
+                        "Give an aligned pair of the same size (resize or crop one of them)")
+    if "cannot decode" in message:
+        return CliError(message, "Give a readable PNG, JPEG or TIFF file")
+    return CliError(message, "See gopt predict --help for the accepted inputs")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .adapter_io import AdapterError, read_adapter_file
+    from .predict import (build_backbone, find_pairs, load_segmenter, parse_json_kwargs, predict_labels, read_pair,
+                          resolve_class_names, write_prediction)
+    from .transforms import NormalizeConfig
+
+    if args.pairs_dir and args.inputs:
+        raise CliError("give either image files or --pairs-dir, not both", "See gopt predict --help")
+    if not args.pairs_dir and len(args.inputs) not in (1, 2):
+        raise CliError(f"expected RGB AUX, one 4-channel image or --pairs-dir; got {len(args.inputs)} image argument(s)",
+                       "See gopt predict --help")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CliError(f"--alpha {args.alpha} is outside [0, 1]", "Use e.g. --alpha 0.6")
+    if args.aux_max is not None and not args.aux_max > 0:
+        raise CliError(f"--aux-max {args.aux_max} must be > 0", "Use e.g. --aux-max 10000 for millimetre depth")
+    try:
+        if args.pairs_dir:
+            jobs = find_pairs(args.pairs_dir)
+        else:
+            rgb = Path(args.inputs[0])
+            jobs = [(rgb.stem, rgb, Path(args.inputs[1]) if len(args.inputs) == 2 else None)]
+        for _, rgb, aux in jobs:
+            for path, what in ((rgb, "RGB image"), (aux, "auxiliary image")):
+                if path is not None and not path.is_file():
+                    raise FileNotFoundError(f"{what} {path} not found")
+    except (FileNotFoundError, ValueError) as exc:
+        raise _pair_error(exc) from None
+
+    try:
+        file = read_adapter_file(args.adapter)
+    except AdapterError as exc:
+        raise _adapter_error(exc) from None
+    config = file.config
+    try:
+        class_names = resolve_class_names(args.class_names, config.num_classes)
+    except ValueError as exc:
+        raise CliError(str(exc), f"give {config.num_classes} comma-separated names or the dataset the adapter was "
+                                 "trained on") from None
+    defaults = NormalizeConfig()
+    try:
+        normalize = NormalizeConfig(
+            rgb_mean=_floats(args.rgb_mean, "--rgb-mean") or defaults.rgb_mean,
+            rgb_std=_floats(args.rgb_std, "--rgb-std") or defaults.rgb_std,
+            aux_mean=_floats(args.aux_mean, "--aux-mean") or defaults.aux_mean,
+            aux_std=_floats(args.aux_std, "--aux-std") or defaults.aux_std)
+        for name in ("aux_mean", "aux_std"):
+            if len(getattr(normalize, name)) not in (1, config.aux_channels):
+                raise ValueError(f"--{name.replace('_', '-')} has {len(getattr(normalize, name))} values for "
+                                 f"{config.aux_channels} aux channel(s)")
+        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs)
+    except ValueError as exc:
+        raise CliError(str(exc), "See gopt predict --help") from None
+    device = _device(args.device)
+
+    def read(rgb_path: Path, aux_path: Path | None):
+        try:
+            return read_pair(rgb_path, aux_path, config.aux_channels, args.aux_scale, args.aux_max)
+        except (FileNotFoundError, ValueError) as exc:
+            raise _pair_error(exc) from None
+
+    first = read(*jobs[0][1:])  # a bad input is reported before the backbone is built
+    try:
+        model = build_backbone(args.backbone, args.weights, backbone_kwargs)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc), "Check the --weights path") from None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = " ".join(str(exc).split()) or type(exc).__name__
+        first = first if len(first) <= 300 else first[:300] + " (...)"
+        what = f"cannot build backbone {args.backbone!r}" + (f" with weights {args.weights}" if args.weights else "")
+        raise CliError(f"{what}: {first}",
+                       "Check --backbone (a timm model name), --backbone-kwargs and that --weights belong to "
+                       "that model") from None
+    try:
+        segmenter, _ = load_segmenter(model, file, args.allow_backbone_mismatch)
+    except AdapterError as exc:
+        raise _adapter_error(exc, weights_given=bool(args.weights)) from None
+    except TypeError as exc:  # not a ViT GoPT can wrap
+        raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
+    segmenter.to(device)
+
+    progress = None
+    if len(jobs) > 1 and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(jobs), desc="predict", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    out = Path(args.out)
+    try:
+        for index, (stem, rgb_path, aux_path) in enumerate(jobs):
+            pair = first if index == 0 else read(rgb_path, aux_path)
+            pair.stem = stem
+            label = predict_labels(segmenter, pair, normalize, device)
+            label_path, panel_path = write_prediction(out, pair, label, class_names, args.aux_cmap, args.legend,
+                                                      args.alpha, args.aux_name)
+            line = f"{stem}: {label_path} {panel_path}"
+            if progress is not None:
+                progress.write(line, file=sys.stdout)
+                progress.update()
+            else:
+                print(line)
+    finally:
+        if progress is not None:
+            progress.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def adapter_summary(path: str | Path) -> dict[str, Any]:
+    """What ``gopt inspect`` prints, as a dict (no backbone is loaded)."""
+    from .adapter_io import read_adapter_file
+    from .model import WEIGHTS_NAME
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    file = read_adapter_file(path)
+    params = {n: t for n, t in file.tensors.items() if not n.endswith(_BUFFER_SUFFIXES)}
+    buffers = {n: t for n, t in file.tensors.items() if n not in params}
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in params.values() if t.is_floating_point()})
+    depth = file.backbone.get("depth")
+    try:
+        blocks = list(file.config.prompter_blocks(int(depth))) if depth else None
+    except (TypeError, ValueError):
+        blocks = None
+    return {
+        "file": str(path),
+        "file_bytes": path.stat().st_size,
+        "library_version": file.library_version,
+        "dtype": ",".join(dtypes) or "-",
+        "trainable_parameters": sum(t.numel() for t in params.values()),
+        "tensors": len(file.tensors),
+        "buffers": len(buffers),
+        "prompter_blocks": blocks,
+        "config": file.config.to_dict(),
+        "backbone": file.backbone,
+    }
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .adapter_io import AdapterError
+
+    try:
+        info = adapter_summary(args.file)
+    except AdapterError as exc:
+        raise _adapter_error(exc) from None
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("file", info["file"]),
+        ("size", f"{info['file_bytes']:,} bytes ({_size(info['file_bytes'])})"),
+        ("library version", info["library_version"]),
+        ("dtype", info["dtype"]),
+        ("trainable parameters", f"{info['trainable_parameters']:,}"),
+        ("tensors", f"{info['tensors']} ({info['buffers']} of them BatchNorm statistics, not trained)"),
+        ("prompters before blocks", info["prompter_blocks"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for title, section in (("config", info["config"]), ("backbone fingerprint", info["backbone"])):
+        print(f"{title}:")
+        inner = max(len(k) for k in section)
+        for key, value in section.items():
+            print(f"  {key:<{inner}}  {value}")
+    return 0
 
 
 if __name__ == "__main__":
