@@ -1,0 +1,208 @@
+"""Cost of GoPT against the alternatives, measured side by side in one process.
+
+    python -m benchmarks.perf --model vit_base_patch16_224 --size 480 640   # the reference setting
+    python -m benchmarks.perf --quick                                       # vit_tiny at 224x224
+
+For each variant: trainable parameters, adapter size (bytes of the trained tensors as one
+safetensors file), inference forward time as a ratio to the lower bound (frozen backbone +
+head, no prompter; batch 1), training step time (forward, loss, backward, AdamW step) and
+training memory as ratios to full fine-tuning (batch 2 on CPU), and the adapter swap times
+(``load_adapter`` of a saved adapter onto the resident backbone, ``set_adapter`` between two
+resident adapters). Timings are medians of interleaved repeats after warm-up.
+
+Training memory on CPU is counted, not sampled: bytes of the tensors autograd saves for
+backward (unique storages) plus gradients and AdamW state of the trainable parameters, i.e.
+what a training step needs on top of the model's weights. On CUDA (``--device cuda``, bf16
+autocast) it is ``torch.cuda.max_memory_allocated`` of the step instead, and images/s is
+reported as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
+
+from gopt_adapter import GoptSegmenter, count_parameters, load_adapter, save_adapter
+from gopt_adapter.baselines import build_variant
+from gopt_adapter.engine import trainable_state_dict
+
+VARIANTS = ("gopt", "gopt_shallow", "vpt_deep", "lora", "fft")
+
+
+@dataclass
+class Row:
+    name: str
+    model: torch.nn.Module
+    trainable: int
+    adapter_bytes: int
+    forward_s: list[float]
+    step_s: list[float]
+    memory_bytes: int = 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    parser.add_argument("--quick", action="store_true", help="vit_tiny_patch16_224 at 224x224")
+    parser.add_argument("--num-classes", type=int, default=40)
+    parser.add_argument("--train-batch", type=int, default=None, help="default: 2 on CPU, 16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--swap-repeats", type=int, default=50)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {VARIANTS}")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.size = "vit_tiny_patch16_224", (224, 224)
+    return args
+
+
+def median_time(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def counted_training_memory(model: torch.nn.Module, rgb, aux, target) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        F.cross_entropy(model(rgb, aux), target)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(storages.values()) + 3 * trainable  # activations + grads + AdamW (exp_avg, exp_avg_sq)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.train_batch or (16 if cuda else 2)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, pretrained=False, num_classes=0, dynamic_img_size=True)
+    size = tuple(args.size)
+    rgb1, aux1 = torch.randn(1, 3, *size, device=device), torch.randn(1, 1, *size, device=device)
+    rgb, aux = torch.randn(batch, 3, *size, device=device), torch.randn(batch, 1, *size, device=device)
+    target = torch.randint(0, args.num_classes, (batch, *size), device=device)
+
+    rows: list[Row] = []
+    for name in args.variants:
+        model = build_variant(name, copy.deepcopy(base), 1, args.num_classes).to(device)
+        params = count_parameters(model)
+        state = trainable_state_dict(model)
+        rows.append(Row(name, model, params.trainable, len(safetensors_bytes({k: v.contiguous().cpu() for k, v in state.items()})), [], []))
+    lower_bound = rows[0].model if isinstance(rows[0].model, GoptSegmenter) else None
+    frozen_forward: list[float] = []
+    optimizers = {row.name: torch.optim.AdamW([p for p in row.model.parameters() if p.requires_grad], lr=1e-6)
+                  for row in rows}
+
+    def frozen():  # lower bound: the first variant's backbone and head without its prompters
+        return lower_bound.upsample(lower_bound.adapter.head(lower_bound.backbone_features(rgb1)), size)
+
+    def step(row: Row):
+        row.model.train()
+        with autocast:
+            loss = F.cross_entropy(row.model(rgb, aux).float(), target)
+        loss.backward()
+        optimizers[row.name].step()
+        optimizers[row.name].zero_grad(set_to_none=True)
+
+    for repeat in range(args.repeats + 1):  # the first round is warm-up
+        with torch.inference_mode(), autocast:
+            for row in rows:
+                row.model.eval()
+                elapsed = median_time(lambda: row.model(rgb1, aux1), device)
+                if repeat:
+                    row.forward_s.append(elapsed)
+            if lower_bound is not None:
+                elapsed = median_time(frozen, device)
+                if repeat:
+                    frozen_forward.append(elapsed)
+        for row in rows:
+            elapsed = median_time(lambda: step(row), device)
+            if repeat:
+                row.step_s.append(elapsed)
+
+    for row in rows:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base_memory = torch.cuda.memory_allocated(device)
+            step(row)
+            torch.cuda.synchronize(device)
+            row.memory_bytes = torch.cuda.max_memory_allocated(device) - base_memory
+        else:
+            row.memory_bytes = counted_training_memory(row.model.train(), rgb, aux, target)
+
+    swap = measure_swaps(rows, args.swap_repeats, rgb1, aux1)
+    report(args, device, batch, rows, frozen_forward, swap)
+
+
+def measure_swaps(rows: list[Row], repeats: int, rgb1, aux1) -> dict[str, float]:
+    gopt = next((row.model for row in rows if row.name == "gopt"), None)
+    if gopt is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_adapter(gopt, Path(tmp) / "task.safetensors")
+        gopt.backbone_fingerprint()  # the digest is computed once per backbone, not per swap
+        load_times = [median_time(lambda: load_adapter(gopt, path), torch.device("cpu")) for _ in range(repeats)]
+        gopt.add_adapter("other", path)
+        set_times = []
+        for index in range(repeats):
+            set_times.append(median_time(lambda: gopt.set_adapter("other" if index % 2 == 0 else "default"),
+                                         torch.device("cpu")))
+        gopt.set_adapter("default")
+        gopt.delete_adapter("other")
+    return {"load_adapter_ms": 1e3 * statistics.median(load_times), "set_adapter_ms": 1e3 * statistics.median(set_times)}
+
+
+def report(args, device, batch, rows: list[Row], frozen_forward: list[float], swap: dict[str, float]) -> None:
+    fft = next((row for row in rows if row.name == "fft"), None)
+    lower = statistics.median(frozen_forward) if frozen_forward else None
+    print(f"`{args.model}`, {args.size[0]}x{args.size[1]}, {device.type}"
+          f"{' bf16' if device.type == 'cuda' else ' fp32'}, inference batch 1, training batch {batch}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"median of {args.repeats}\n")
+    memory = "training memory (counted)" if device.type == "cpu" else "peak CUDA memory"
+    print(f"| variant | trainable params | adapter size | inference vs lower bound | train step vs FFT | {memory} vs FFT |")
+    print("|---|---|---|---|---|---|")
+    if lower is not None:
+        print(f"| lower bound (frozen backbone + head) | - | - | 1.00 ({lower:.3f} s) | - | - |")
+    for row in rows:
+        forward = statistics.median(row.forward_s)
+        step = statistics.median(row.step_s)
+        cells = [
+            f"{forward / lower:.3f}" if lower else f"{forward:.3f} s",
+            f"{step / statistics.median(fft.step_s):.3f}" if fft else f"{step:.3f} s",
+            f"{row.memory_bytes / fft.memory_bytes:.3f}" if fft else f"{row.memory_bytes / 1e6:.0f} MB",
+        ]
+        extra = f" ({batch / step:.1f} img/s)" if device.type == "cuda" else ""
+        print(f"| {row.name} | {row.trainable:,} | {row.adapter_bytes / 1e6:.2f} MB | " + " | ".join(cells[:2]) +
+              extra + f" | {cells[2]} ({row.memory_bytes / 1e6:.0f} MB) |")
+    if swap:
+        print(f"\nswap, GoPT adapter: load_adapter {swap['load_adapter_ms']:.2f} ms, "
+              f"set_adapter {swap['set_adapter_ms']:.3f} ms (median of {args.swap_repeats})")
+
+
+if __name__ == "__main__":
+    main()
