@@ -134,6 +134,16 @@ def test_mfnet_folder_layout_autodetected(tmp_path: Path) -> None:
     assert torch.allclose(sample["rgb"], chw(written["3D"]["rgbt"][:, :, :3].astype(np.float32) / 255.0))
 
 
+def test_mfnet_folder_layout_size_mismatch_names_files(tmp_path: Path) -> None:
+    """Separate RGB and thermal files can differ in size (the 4-channel PNG cannot)."""
+    make_mfnet(tmp_path, {"train_val": ["1D"]}, layout="folders")
+    bad = tmp_path / "Thermal" / "1D.png"
+    write_png(bad, np.zeros((7, 12), np.uint8))
+    with pytest.raises(ValueError, match="differ in size") as err:
+        MFNet(tmp_path, "train_val")[0]
+    assert str(bad) in str(err.value) and "7x12" in str(err.value) and "8x12" in str(err.value)
+
+
 # --------------------------------------------------------------------------------------
 # PST900
 # --------------------------------------------------------------------------------------

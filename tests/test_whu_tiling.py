@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,28 @@ def test_resume_after_interruption(tmp_path: Path, scenes: tuple[Path, dict], mo
     resumed = tile_whu_opt_sar(src, tmp_path / "out", tile_size=16, seed=3, progress=False)
     assert sorted(set(reads)) == STEMS[2:]  # finished scenes are not read again
     assert resumed["tiles"] == reference["tiles"]  # same split as an uninterrupted run
+
+
+def test_index_write_fsyncs_file_and_folder(tmp_path: Path, scenes: tuple[Path, dict],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each scene the index is fsynced and so is its folder (so the rename survives a crash)."""
+    src, _ = scenes
+    out = tmp_path / "out"
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    index = tile_whu_opt_sar(src, out, tile_size=16, progress=False)
+    out_ino = os.stat(out).st_ino
+    assert synced.count(("dir", out_ino)) == len(STEMS)  # once per scene, after the rename
+    assert sum(kind == "file" for kind, _ in synced) >= len(STEMS)
+    assert json.loads((out / "index.json").read_text()) == index
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_resume_with_other_settings_refused(tmp_path: Path, scenes: tuple[Path, dict]) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 import tifffile
@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "IGNORE_INDEX",
     "AuxNormalization",
+    "AUX_NORMALIZATIONS",
     "Transform",
     "SampleFiles",
     "SegDataset",
@@ -52,6 +53,7 @@ __all__ = [
     "require_dir",
     "require_file",
     "find_image",
+    "find_sample_files",
     "check_image",
     "check_same_size",
     "scale_to_unit",
@@ -75,7 +77,8 @@ IGNORE_INDEX = 255
 #: across images; ``"per_image"`` min-max scales each image to [0, 1] (a constant image
 #: becomes all zeros).
 AuxNormalization = Literal["fixed", "per_image"]
-_AUX_NORMALIZATIONS = ("fixed", "per_image")
+#: The values of :data:`AuxNormalization`, for validating options (``check_choice``).
+AUX_NORMALIZATIONS: tuple[str, ...] = get_args(AuxNormalization)
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -241,7 +244,7 @@ def scale_to_unit(
         if hi <= lo:
             return np.zeros_like(out)
         return (out - np.float32(lo)) / np.float32(hi - lo)
-    raise ValueError(f"unknown normalisation {mode!r}; choose one of {_AUX_NORMALIZATIONS}")
+    raise ValueError(f"unknown normalisation {mode!r}; choose one of {AUX_NORMALIZATIONS}")
 
 
 def read_aux_image(
@@ -363,6 +366,28 @@ class SampleFiles:
     rgb: Path
     aux: Path
     label: Path
+
+
+def find_sample_files(
+    stem: str,
+    rgb_dir: Path,
+    aux_dir: Path,
+    label_dir: Path,
+    *,
+    rgb_suffixes: Sequence[str] = (".png", ".jpg"),
+    aux_suffixes: Sequence[str] = (".png",),
+    aux_what: str = "aux image",
+) -> SampleFiles:
+    """The files of ``stem`` in parallel RGB / aux / label folders (labels are ``.png``).
+
+    Looks them up in that order with :func:`find_image`, so the first missing one is named.
+    """
+    return SampleFiles(
+        stem,
+        find_image(rgb_dir, stem, rgb_suffixes, "RGB image"),
+        find_image(aux_dir, stem, aux_suffixes, aux_what),
+        find_image(label_dir, stem, (".png",), "label image"),
+    )
 
 
 class FileSegDataset(SegDataset):

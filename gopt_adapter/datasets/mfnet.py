@@ -20,14 +20,15 @@ from typing import Literal, Mapping
 import numpy as np
 
 from .base import (
+    AUX_NORMALIZATIONS,
     AuxNormalization,
     FileSegDataset,
     SampleFiles,
     Transform,
     check_choice,
     check_image,
-    check_same_size,
     find_image,
+    find_sample_files,
     read_aux_image,
     read_image,
     read_list_file,
@@ -75,7 +76,7 @@ class MFNet(FileSegDataset):
         transform: Transform | None = None,
     ) -> None:
         check_choice("layout", layout, ("auto", "official", "folders"))
-        check_choice("thermal_normalization", thermal_normalization, ("fixed", "per_image"))
+        check_choice("thermal_normalization", thermal_normalization, AUX_NORMALIZATIONS)
         self.count_unlabeled = bool(count_unlabeled)
         self.class_names = MFNET_CLASSES if self.count_unlabeled else MFNET_CLASSES[1:]
         self.thermal_normalization = thermal_normalization
@@ -104,12 +105,8 @@ class MFNet(FileSegDataset):
         thermal_dir = require_dir(self.root / "Thermal", "Thermal folder")
         label_dir = require_dir(self.root / "Label", "label folder")
         return [
-            SampleFiles(
-                stem,
-                find_image(rgb_dir, stem, (".png", ".jpg"), "RGB image"),
-                find_image(thermal_dir, stem, (".png", ".jpg"), "thermal image"),
-                find_image(label_dir, stem, (".png",), "label image"),
-            )
+            find_sample_files(stem, rgb_dir, thermal_dir, label_dir, aux_suffixes=(".png", ".jpg"),
+                              aux_what="thermal image")
             for stem in stems
         ]
 
@@ -118,9 +115,9 @@ class MFNet(FileSegDataset):
 
     def _read_modalities(self, files: SampleFiles) -> tuple[np.ndarray, np.ndarray]:
         if self.layout == "folders":
-            return super()._read_modalities(files)
+            return super()._read_modalities(files)  # separate files: their sizes are checked there
+        # One 4-channel array: RGB and thermal cannot differ in size (the label is checked in load).
         rgbt = check_image(read_image(files.rgb), files.rgb, "MFNet RGB-T image", 4, (np.uint8,))
         rgb = rgbt[:, :, :3].astype(np.float32) * np.float32(1.0 / 255.0)  # [H, W, 3]
         thermal = scale_to_unit(rgbt[:, :, 3:], self.thermal_normalization, None, files.rgb)  # [H, W, 1]
-        check_same_size([(rgb, files.rgb), (thermal, files.aux)])
         return rgb, thermal

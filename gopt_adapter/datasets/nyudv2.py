@@ -19,13 +19,14 @@ from typing import Literal, Mapping
 import numpy as np
 
 from .base import (
+    AUX_NORMALIZATIONS,
     AuxNormalization,
     FileSegDataset,
     SampleFiles,
     Transform,
     check_choice,
     check_image,
-    find_image,
+    find_sample_files,
     read_image,
     read_list_file,
     require_dir,
@@ -79,7 +80,7 @@ class NYUDv2(FileSegDataset):
         transform: Transform | None = None,
     ) -> None:
         check_choice("aux", aux, ("depth", "hha"))
-        check_choice("depth_normalization", depth_normalization, ("fixed", "per_image"))
+        check_choice("depth_normalization", depth_normalization, AUX_NORMALIZATIONS)
         if not depth_max_mm > 0:
             raise ValueError(f"depth_max_mm must be > 0, got {depth_max_mm}")
         self.aux = aux
@@ -98,12 +99,8 @@ class NYUDv2(FileSegDataset):
         label_dir = require_dir(self.root / self.label_folder, "label folder")
         aux_suffixes = (".jpg", ".png") if self.aux == "hha" else (".png",)
         return [
-            SampleFiles(
-                stem=stem,
-                rgb=find_image(rgb_dir, stem, (".jpg", ".png"), "RGB image"),
-                aux=find_image(aux_dir, stem, aux_suffixes, f"{self.aux} image"),
-                label=find_image(label_dir, stem, (".png",), "label image"),
-            )
+            find_sample_files(stem, rgb_dir, aux_dir, label_dir, rgb_suffixes=(".jpg", ".png"),
+                              aux_suffixes=aux_suffixes, aux_what=f"{self.aux} image")
             for stem in read_list_file(self.root / f"{self.split}.txt")
         ]
 

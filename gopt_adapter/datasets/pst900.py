@@ -20,12 +20,13 @@ from typing import Mapping
 import numpy as np
 
 from .base import (
+    AUX_NORMALIZATIONS,
     AuxNormalization,
     FileSegDataset,
     SampleFiles,
     Transform,
     check_choice,
-    find_image,
+    find_sample_files,
     read_aux_image,
     require_dir,
     resolve_root,
@@ -63,7 +64,7 @@ class PST900(FileSegDataset):
         thermal_normalization: AuxNormalization = "fixed",
         transform: Transform | None = None,
     ) -> None:
-        check_choice("thermal_normalization", thermal_normalization, ("fixed", "per_image"))
+        check_choice("thermal_normalization", thermal_normalization, AUX_NORMALIZATIONS)
         self.thermal_normalization = thermal_normalization
         super().__init__(resolve_root(root, self.dataset_folder), split, transform)
 
@@ -76,15 +77,7 @@ class PST900(FileSegDataset):
         thermal_dir = require_dir(split_dir / "thermal", "thermal folder")
         label_dir = require_dir(split_dir / "labels", "label folder")
         stems = sorted(p.stem for p in rgb_dir.iterdir() if p.suffix.lower() in (".png", ".jpg"))
-        return [
-            SampleFiles(
-                stem,
-                find_image(rgb_dir, stem, (".png", ".jpg"), "RGB image"),
-                find_image(thermal_dir, stem, (".png",), "thermal image"),
-                find_image(label_dir, stem, (".png",), "label image"),
-            )
-            for stem in stems
-        ]
+        return [find_sample_files(stem, rgb_dir, thermal_dir, label_dir, aux_what="thermal image") for stem in stems]
 
     def _read_aux(self, path: Path) -> np.ndarray:
         return read_aux_image(path, "thermal image", 1, (np.uint8, np.uint16), self.thermal_normalization)  # [H, W, 1]

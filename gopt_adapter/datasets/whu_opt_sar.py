@@ -21,16 +21,16 @@ renumbered in order.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import tifffile
 
+from ..adapter_io import atomic_write_bytes
 from .base import (
+    AUX_NORMALIZATIONS,
     AuxNormalization,
     FileSegDataset,
     SampleFiles,
@@ -38,6 +38,7 @@ from .base import (
     check_choice,
     check_image,
     check_same_size,
+    find_image,
     read_image,
     require_dir,
     require_file,
@@ -54,6 +55,7 @@ LABEL_STEP = 10
 INDEX_NAME = "index.json"
 _INDEX_VERSION = 1
 _SPLITS = ("train", "val", "test")
+_TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 class WHUOptSar(FileSegDataset):
@@ -91,8 +93,8 @@ class WHUOptSar(FileSegDataset):
         nir_as_aux: bool = False,
         transform: Transform | None = None,
     ) -> None:
-        check_choice("optical_normalization", optical_normalization, ("fixed", "per_image"))
-        check_choice("sar_normalization", sar_normalization, ("fixed", "per_image"))
+        check_choice("optical_normalization", optical_normalization, AUX_NORMALIZATIONS)
+        check_choice("sar_normalization", sar_normalization, AUX_NORMALIZATIONS)
         self.include_background = bool(include_background)
         self.include_others = bool(include_others)
         self.kept_raw_classes = tuple(
@@ -155,21 +157,6 @@ def _load_index(path: Path) -> dict[str, Any]:
     return index
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so that a crash leaves either the old or the new file, never a partial one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _tiff_hw(path: Path) -> tuple[int, int]:
     """Height and width of a TIFF from its header, without reading pixel data."""
     with tifffile.TiffFile(path) as tif:
@@ -186,17 +173,10 @@ def _find_scenes(root: Path) -> tuple[list[str], dict[str, Path]]:
         "sar": require_dir(root / "sar", "SAR folder"),
         "lbl": require_dir(root / "lbl", "label folder"),
     }
-    stems = sorted(p.stem for p in folders["optical"].iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+    stems = sorted(p.stem for p in folders["optical"].iterdir() if p.suffix.lower() in _TIFF_SUFFIXES)
     if not stems:
         raise FileNotFoundError(f"no .tif scenes found in {folders['optical']}")
     return stems, folders
-
-
-def _scene_path(folder: Path, stem: str, what: str) -> Path:
-    for suffix in (".tif", ".tiff"):
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    raise FileNotFoundError(f"{what} not found: {folder / (stem + '.tif')}")
 
 
 def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
@@ -267,9 +247,9 @@ def tile_whu_opt_sar(
     stems, folders = _find_scenes(Path(root))
     paths = {
         stem: {
-            "optical": _scene_path(folders["optical"], stem, "optical scene"),
-            "sar": _scene_path(folders["sar"], stem, "SAR scene"),
-            "lbl": _scene_path(folders["lbl"], stem, "label scene"),
+            "optical": find_image(folders["optical"], stem, _TIFF_SUFFIXES, "optical scene"),
+            "sar": find_image(folders["sar"], stem, _TIFF_SUFFIXES, "SAR scene"),
+            "lbl": find_image(folders["lbl"], stem, _TIFF_SUFFIXES, "label scene"),
         }
         for stem in stems
     }
@@ -310,7 +290,8 @@ def tile_whu_opt_sar(
             tifffile.imwrite(out / "lbl" / f"{tile['name']}.tif", lbl[window][:, :, 0])  # [T, T]
         index["tiles"].extend(plan[stem])
         index["scenes_done"].append(stem)
-        _write_json_atomic(index_path, index)
+        # Atomic (old or new file, never a partial one) and durable (file and folder fsynced).
+        atomic_write_bytes(index_path, json.dumps(index, indent=1).encode())
         if progress:
             print(f"[{i}/{len(stems)}] {stem}: {len(plan[stem])} tiles", file=sys.stderr, flush=True)
     return index
