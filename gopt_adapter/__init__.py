@@ -14,6 +14,7 @@ from .backbone import BackboneSpec
 from .config import GoptConfig
 from .model import GoptSegmenter, apply_gopt, remove_gopt
 from .parameters import ParameterCount, count_parameters
+from .preprocessing import Preprocessing
 
 __all__ = [
     "AdapterError",
@@ -22,6 +23,7 @@ __all__ = [
     "GoptConfig",
     "GoptSegmenter",
     "ParameterCount",
+    "Preprocessing",
     "apply_gopt",
     "count_parameters",
     "load_adapter",

@@ -9,6 +9,7 @@ from .backbone import BackboneSpec
 from .config import GoptConfig
 from .heads import build_head
 from .inject import map_patch_tokens
+from .preprocessing import Preprocessing
 from .prompter import AuxPatchEmbed, GroupingPrompter, PromptState
 
 
@@ -28,7 +29,8 @@ def xavier_init_(module: nn.Module) -> None:
 class GoptAdapter(nn.Module):
     """All weights a task adds to a frozen backbone; saved and swapped as one unit.
 
-    ``prompters[k]`` sits before block ``block_indices[k]``.
+    ``prompters[k]`` sits before block ``block_indices[k]``. ``preprocessing`` (optional) records
+    how raw image files were scaled and normalised for training; it is saved with the adapter.
     """
 
     def __init__(self, config: GoptConfig, spec: BackboneSpec) -> None:
@@ -42,7 +44,19 @@ class GoptAdapter(nn.Module):
         self.class_tokens = nn.Parameter(torch.empty(config.groups, r))  # c_m^0, [C, r]
         self.prompters = nn.ModuleList(GroupingPrompter(config, spec.embed_dim) for _ in self.block_indices)
         self.head = build_head(config.head, spec.num_features, config.num_classes, config.head_channels)
+        self.preprocessing = None
         self.reset_parameters()
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """How inputs were prepared in training (``None``: not recorded)."""
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: Preprocessing | None) -> None:
+        if value is not None and not isinstance(value, Preprocessing):
+            raise TypeError(f"preprocessing must be a Preprocessing or None, got {type(value).__name__}")
+        self._preprocessing = value
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

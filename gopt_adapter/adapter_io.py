@@ -7,6 +7,8 @@ head with its BatchNorm buffers) and string metadata:
 - ``config``: the :class:`GoptConfig` as JSON;
 - ``backbone``: the backbone fingerprint as JSON (class, width, depth, patch size, prefix
   tokens and the SHA-256 of the frozen weights);
+- ``preprocessing`` (optional): the adapter's :class:`Preprocessing` as JSON (aux scaling and
+  mean/std for ``gopt predict``); files without it load with ``preprocessing=None``;
 - ``checksum``: SHA-256 over all other metadata and every tensor's name, dtype, shape and
   bytes, so a flipped bit anywhere in the file is caught before any weight is copied.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from . import __version__
 from .adapter import GoptAdapter
 from .backbone import BackboneSpec, tensor_bytes
 from .config import GoptConfig
+from .preprocessing import Preprocessing, check_aux_channels
 
 if TYPE_CHECKING:
     from .model import GoptSegmenter
@@ -53,13 +57,38 @@ class AdapterFile:
     backbone: dict[str, Any]
     library_version: str
     tensors: dict[str, torch.Tensor]
+    preprocessing: Preprocessing | None = None
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (no window in which
+    another thread would create files with a zero umask)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` so that ``path`` holds either its old content or all of ``data``."""
+    """Writes ``data`` so that ``path`` holds either its old content or all of ``data``.
+
+    The file gets the mode of the file it replaces, or else ``0o666 & ~umask`` like any file
+    created with ``open`` (``mkstemp`` alone would leave it private, 0600).
+    """
     path = Path(path)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -110,6 +139,9 @@ def encode_adapter(adapter: GoptAdapter, backbone: Mapping[str, Any], dtype: tor
         "config": json.dumps(adapter.config.to_dict(), sort_keys=True),
         "backbone": json.dumps(dict(backbone), sort_keys=True),
     }
+    if adapter.preprocessing is not None:
+        check_aux_channels(adapter.preprocessing.normalize, adapter.config.aux_channels)
+        metadata["preprocessing"] = json.dumps(adapter.preprocessing.to_dict(), sort_keys=True)
     metadata["checksum"] = _checksum(metadata, tensors)
     return save_safetensors_bytes(tensors, metadata=metadata)
 
@@ -158,7 +190,14 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         backbone = json.loads(metadata["backbone"])
     except (ValueError, TypeError) as exc:
         raise AdapterError(f"{path}: invalid adapter config ({exc})") from None
-    return AdapterFile(path, config, backbone, metadata["library_version"], tensors)
+    preprocessing = None
+    if "preprocessing" in metadata:
+        try:
+            preprocessing = Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
+            check_aux_channels(preprocessing.normalize, config.aux_channels)
+        except ValueError as exc:
+            raise AdapterError(f"{path}: invalid preprocessing ({exc})") from None
+    return AdapterFile(path, config, backbone, metadata["library_version"], tensors, preprocessing)
 
 
 def check_backbone(file: AdapterFile, expected: Mapping[str, Any], allow_weights_mismatch: bool = False) -> None:
@@ -204,13 +243,14 @@ def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
 
 
 def adapter_from_file(file: AdapterFile, spec: BackboneSpec) -> GoptAdapter:
-    """A new adapter built from the file's config and holding its weights."""
+    """A new adapter built from the file's config and holding its weights and preprocessing."""
     try:
         adapter = GoptAdapter(file.config, spec)
     except ValueError as exc:
         raise AdapterError(f"{file.path}: config does not fit this backbone ({exc})") from None
     check_tensors(file, adapter)
     adapter.load_state_dict(file.tensors)
+    adapter.preprocessing = file.preprocessing
     return adapter
 
 
@@ -225,7 +265,7 @@ def save_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, dtype: tor
 
 def load_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, adapter_name: str | None = None,
                  allow_backbone_mismatch: bool = False) -> None:
-    """Loads a file's weights into an existing adapter (the active one by default).
+    """Loads a file's weights and preprocessing into an existing adapter (the active one by default).
 
     Everything is checked before the first weight is copied; on any failure the segmenter is
     left exactly as it was. The file's config must equal the adapter's; to load an adapter of
@@ -246,3 +286,4 @@ def load_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, adapter_na
         )
     check_tensors(file, adapter)
     adapter.load_state_dict(file.tensors)
+    adapter.preprocessing = file.preprocessing

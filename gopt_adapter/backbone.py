@@ -73,13 +73,6 @@ class BackboneSpec:
             img_size=tuple(int(s) for s in img_size) if strict and img_size is not None else None,
         )
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid ``(h, w)`` of an image, padded as the backbone pads."""
-        ph, pw = self.patch_size
-        if self.dynamic_img_pad:
-            return -(-height // ph), -(-width // pw)
-        return height // ph, width // pw
-
     def check_image_size(self, height: int, width: int) -> None:
         """Raises ``ValueError`` when the backbone cannot take an image of this size."""
         if self.img_size is not None and (height, width) != self.img_size:
@@ -116,12 +109,28 @@ def _block_width(block: nn.Module) -> int | None:
     return int(shape[0]) if shape else None
 
 
+#: Elements per tensor that :func:`weights_version` reads.
+PROBE_ELEMENTS = 64
+
+
 def weights_version(module: nn.Module) -> tuple:
-    """Cheap identity of a module's current weights: storage, dtype and in-place version of
-    every state tensor. It changes whenever a tensor is replaced (``.half()``, ``.to()``) or
-    modified in place (``copy_``, an optimizer step), so a cached digest can be revalidated
-    without hashing."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in module.state_dict().values())
+    """Cheap identity of a module's current weights, for revalidating a cached digest.
+
+    Per state tensor: storage, dtype, device, shape and in-place version, which change when a
+    tensor is replaced (``.half()``, ``.to()``) or modified in place through autograd
+    (``copy_``, an optimizer step); plus a SHA-256 of :data:`PROBE_ELEMENTS` evenly strided
+    elements of every tensor, which catches edits that bypass the version counter
+    (``p.data.mul_(2)``, ``load_state_dict`` into ``.data``) as long as they touch a sampled
+    element. Reads ~64 elements per tensor, not the weights.
+    """
+    tensors = list(module.state_dict().values())
+    probe = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // PROBE_ELEMENTS)
+        probe.update(tensor_bytes(flat[::step][:PROBE_ELEMENTS]))
+    layout = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+    return layout, probe.hexdigest()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

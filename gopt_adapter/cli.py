@@ -1,9 +1,10 @@
 """The ``gopt`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``inspect``.
 
 Errors a person can act on (a missing or undecodable image, RGB and aux of different
-sizes, an adapter made for another backbone, a bad option) are printed as one line,
-``error: <what>. <how to fix>``, on stderr with exit status 2; ``--debug`` (anywhere on the
-command line) shows the traceback instead.
+sizes, an adapter made for another backbone, a bad option, any ``OSError`` or
+``ValueError``) are printed as one line, ``error: <what>. <how to fix>``, on stderr with exit
+status 2. Any other exception is a bug: one line naming its type, message and where it was
+raised, exit status 1. ``--debug`` (anywhere on the command line) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import io
 import json
 import math
 import sys
+import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
+
+from .preprocessing import AUX_SCALES
 
 RUNNER_PROG = "python -m benchmarks.run"
 DEBUG_HELP = "show the full traceback of an error (accepted anywhere on the command line)"
@@ -41,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train foundation + GoPT on the built-in synthetic world (CPU, minutes)")
     demo.add_argument("--mode", default="depth", choices=("depth", "thermal", "sar"), help="auxiliary modality")
     demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, logs and the adapter")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, the backbone and the "
+                                                              "adapter initialisation (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     commands.add_parser("train", add_help=False,
@@ -87,15 +92,17 @@ Inputs (PNG, JPEG, TIFF; 8- or 16-bit):
 Writes OUT/<stem>_label.png (class ids, 8-bit grey for up to 256 classes) and
 OUT/<stem>_panel.png: RGB | auxiliary (colour-mapped) | prediction overlay, with a legend.
 
-The auxiliary image is scaled to [0, 1] as the dataset readers do (--aux-scale), then both
-are normalised with --rgb-mean/--rgb-std/--aux-mean/--aux-std (defaults: the training
-defaults). Images whose size is not a multiple of the patch size are zero-padded after
+The auxiliary image is scaled to [0, 1] as the dataset readers do, then both are
+normalised, with the preprocessing stored in the adapter file (see gopt inspect) or, for
+files without one, the training defaults; --aux-scale, --aux-max, --rgb-mean, --rgb-std,
+--aux-mean and --aux-std override single values. The preprocessing used is printed on
+stderr. Images whose size is not a multiple of the patch size are zero-padded after
 normalisation (i.e. with the mean colour, like the training crop) at the bottom/right;
 the logits are cropped back to the input size.""",
         epilog="example: gopt predict --backbone vit_base_patch16_224.mae --weights mae.pth --adapter "
                "nyu.safetensors --class-names nyudv2 rgb.png depth.png -o out/")
     pr.add_argument("inputs", nargs="*", metavar="IMAGE", help="RGB AUX, or one 4-channel image")
-    pr.add_argument("-o", "--out", required=True, help="output folder (created)")
+    pr.add_argument("-o", "--out", required=True, help="output folder (created; must not be a file)")
     pr.add_argument("--pairs-dir", metavar="DIR", help="folder of pairs: rgb/ + aux/ matched by stem (see above)")
     pr.add_argument("--backbone", required=True, help="timm model name of the backbone the adapter was trained on")
     pr.add_argument("--weights", help="backbone weights file (.safetensors/.pth); without it the backbone is "
@@ -108,15 +115,17 @@ the logits are cropped back to the input size.""",
     pr.add_argument("--class-names", metavar="NAMES",
                     help="comma-separated names, or a dataset whose names to use (nyudv2, sunrgbd, mfnet, pst900, "
                          "whu_opt_sar, synthetic[:mode]); default 'class 0', 'class 1', ...")
-    pr.add_argument("--aux-scale", choices=("fixed", "per_image"), default="fixed",
-                    help="fixed (default, as the readers): divide by --aux-max and clip; per_image: min-max per image")
+    pr.add_argument("--aux-scale", choices=AUX_SCALES,
+                    help="fixed: divide by --aux-max and clip; per_image: min-max per image (default: stored in "
+                         "the adapter, else fixed)")
     pr.add_argument("--aux-max", type=float,
-                    help="divisor for --aux-scale fixed (default: the dtype maximum, 255 or 65535; "
-                         "10000 reads millimetre depth like the NYUDv2/SUN RGB-D readers)")
-    pr.add_argument("--rgb-mean", metavar="M,M,M", help="RGB mean of the normalisation (default ImageNet)")
-    pr.add_argument("--rgb-std", metavar="S,S,S", help="RGB std of the normalisation (default ImageNet)")
-    pr.add_argument("--aux-mean", metavar="M[,M..]", help="aux mean, one value or one per channel (default 0.5)")
-    pr.add_argument("--aux-std", metavar="S[,S..]", help="aux std, one value or one per channel (default 0.5)")
+                    help="divisor for --aux-scale fixed (default: stored in the adapter, else the dtype maximum, "
+                         "255 or 65535; 10000 reads millimetre depth like the NYUDv2/SUN RGB-D readers)")
+    pr.add_argument("--rgb-mean", metavar="M,M,M", help="RGB mean of the normalisation (default: stored, else ImageNet)")
+    pr.add_argument("--rgb-std", metavar="S,S,S", help="RGB std of the normalisation (default: stored, else ImageNet)")
+    pr.add_argument("--aux-mean", metavar="M[,M..]",
+                    help="aux mean, one value or one per channel (default: stored, else 0.5)")
+    pr.add_argument("--aux-std", metavar="S[,S..]", help="aux std, one value or one per channel (default: stored, else 0.5)")
     pr.add_argument("--aux-name", help="title of the auxiliary pane (default: Thermal, Depth or Auxiliary)")
     pr.add_argument("--aux-cmap", choices=("viridis", "inferno", "gray"),
                     help="colour map of the auxiliary pane (default: inferno for thermal, else viridis)")
@@ -128,10 +137,12 @@ the logits are cropped back to the input size.""",
     pr.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
     ins = commands.add_parser(
-        "inspect", help="print an adapter file's config, parameters, dtype, size, backbone fingerprint and version",
+        "inspect", help="print an adapter file's config, parameters, dtype, size, preprocessing, backbone "
+                        "fingerprint and version",
         description="Prints what an adapter file holds without loading a backbone: its GoPT config, trainable "
-                    "parameters, dtype, file size, the fingerprint of the backbone it was trained on and the "
-                    "library version that wrote it. The file is verified (checksum) first.")
+                    "parameters, dtype, file size, the preprocessing gopt predict applies, the fingerprint of "
+                    "the backbone it was trained on and the library version that wrote it. The file is "
+                    "verified (checksum) first.")
     ins.add_argument("file", help="adapter file (.safetensors), or a save_pretrained folder")
     ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ins.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -155,16 +166,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if result["reloaded_identical"] else 1
         handlers = {"eval": _eval, "predict": _predict, "inspect": _inspect}
         return handlers[args.command](args)
-    except CliError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         if debug:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every error ends as one line unless --debug
+        if debug:
+            raise
+        if _expected(exc):
+            print(f"error: {_expected_error(exc)}", file=sys.stderr)
+            return 2
+        print(f"error: {_bug_report(exc)}", file=sys.stderr)
+        return 1
+
+
+def _expected(exc: Exception) -> bool:
+    """Errors from the input or the environment (not bugs): reported without a traceback."""
+    import torch
+
+    return isinstance(exc, (CliError, OSError, ValueError, MemoryError, torch.OutOfMemoryError))
+
+
+def _expected_error(exc: Exception) -> CliError:
+    if isinstance(exc, CliError):
+        return exc
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+        return CliError(f"{target}: {exc.strerror}", "Check the path and its permissions")
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return CliError(message, "Run with --debug for the traceback")
+
+
+def _bug_report(exc: Exception) -> CliError:
+    """One line for an unexpected exception: type, message and the innermost frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    message = " ".join(str(exc).split())
+    return CliError(f"unexpected {type(exc).__name__}{': ' + message if message else ''}{where}",
+                    "This is a bug in gopt-adapter: run again with --debug for the traceback and report it")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -281,6 +321,8 @@ def _eval(args: argparse.Namespace) -> int:
     except AdapterError as exc:
         raise _adapter_error(exc, "--backbone, --weights and backbone_kwargs (--config or --set)",
                              bool(config.weights)) from None
+    except TypeError as exc:  # not a ViT GoPT can wrap
+        raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
     num_classes = file.config.num_classes
     names = list(dataset.class_names)
     if len(names) != num_classes:
@@ -321,7 +363,6 @@ def _predict(args: argparse.Namespace) -> int:
     from .adapter_io import AdapterError, read_adapter_file
     from .predict import (build_backbone, find_pairs, load_segmenter, parse_json_kwargs, predict_labels, read_pair,
                           resolve_class_names, write_prediction)
-    from .transforms import NormalizeConfig
 
     if args.pairs_dir and args.inputs:
         raise CliError("give either image files or --pairs-dir, not both", "See gopt predict --help")
@@ -330,8 +371,9 @@ def _predict(args: argparse.Namespace) -> int:
                        "See gopt predict --help")
     if not 0.0 <= args.alpha <= 1.0:
         raise CliError(f"--alpha {args.alpha} is outside [0, 1]", "Use e.g. --alpha 0.6")
-    if args.aux_max is not None and not args.aux_max > 0:
-        raise CliError(f"--aux-max {args.aux_max} must be > 0", "Use e.g. --aux-max 10000 for millimetre depth")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"-o {out} is an existing file, not a folder", "Give a folder for the predictions")
     try:
         if args.pairs_dir:
             jobs = find_pairs(args.pairs_dir)
@@ -355,17 +397,8 @@ def _predict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc), f"give {config.num_classes} comma-separated names or the dataset the adapter was "
                                  "trained on") from None
-    defaults = NormalizeConfig()
+    preprocessing, source = _preprocessing(args, file)
     try:
-        normalize = NormalizeConfig(
-            rgb_mean=_floats(args.rgb_mean, "--rgb-mean") or defaults.rgb_mean,
-            rgb_std=_floats(args.rgb_std, "--rgb-std") or defaults.rgb_std,
-            aux_mean=_floats(args.aux_mean, "--aux-mean") or defaults.aux_mean,
-            aux_std=_floats(args.aux_std, "--aux-std") or defaults.aux_std)
-        for name in ("aux_mean", "aux_std"):
-            if len(getattr(normalize, name)) not in (1, config.aux_channels):
-                raise ValueError(f"--{name.replace('_', '-')} has {len(getattr(normalize, name))} values for "
-                                 f"{config.aux_channels} aux channel(s)")
         backbone_kwargs = parse_json_kwargs(args.backbone_kwargs)
     except ValueError as exc:
         raise CliError(str(exc), "See gopt predict --help") from None
@@ -373,7 +406,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     def read(rgb_path: Path, aux_path: Path | None):
         try:
-            return read_pair(rgb_path, aux_path, config.aux_channels, args.aux_scale, args.aux_max)
+            return read_pair(rgb_path, aux_path, config.aux_channels, preprocessing.aux_scale, preprocessing.aux_max)
         except (FileNotFoundError, ValueError) as exc:
             raise _pair_error(exc) from None
 
@@ -396,18 +429,22 @@ def _predict(args: argparse.Namespace) -> int:
     except TypeError as exc:  # not a ViT GoPT can wrap
         raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
     segmenter.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"preprocessing ({source}): {preprocessing.describe()}", file=sys.stderr)
 
     progress = None
     if len(jobs) > 1 and not args.no_progress:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=len(jobs), desc="predict", unit="pair", file=sys.stderr, dynamic_ncols=True)
-    out = Path(args.out)
     try:
         for index, (stem, rgb_path, aux_path) in enumerate(jobs):
             pair = first if index == 0 else read(rgb_path, aux_path)
             pair.stem = stem
-            label = predict_labels(segmenter, pair, normalize, device)
+            try:
+                label = predict_labels(segmenter, pair, preprocessing.normalize, device)
+            except ValueError as exc:  # e.g. a fixed-size backbone and an image of another size
+                raise CliError(f"{rgb_path}: {exc}", "Use images the backbone accepts (see --backbone-kwargs)") from None
             label_path, panel_path = write_prediction(out, pair, label, class_names, args.aux_cmap, args.legend,
                                                       args.alpha, args.aux_name)
             line = f"{stem}: {label_path} {panel_path}"
@@ -420,6 +457,30 @@ def _predict(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     return 0
+
+
+_NORMALIZE_FLAGS = {"rgb_mean": "--rgb-mean", "rgb_std": "--rgb-std", "aux_mean": "--aux-mean", "aux_std": "--aux-std"}
+
+
+def _preprocessing(args: argparse.Namespace, file):
+    """The adapter's stored preprocessing (else the defaults) with the flags given applied,
+    and where it comes from, in words."""
+    from .preprocessing import Preprocessing, check_aux_channels
+
+    normalize = {name: _floats(getattr(args, name), flag) for name, flag in _NORMALIZE_FLAGS.items()}
+    given = [flag for flag, value in (("--aux-scale", args.aux_scale), ("--aux-max", args.aux_max),
+                                      *((f, normalize[n]) for n, f in _NORMALIZE_FLAGS.items())) if value is not None]
+    stored = file.preprocessing
+    try:
+        preprocessing = (stored or Preprocessing()).override(args.aux_scale, args.aux_max, **normalize)
+        check_aux_channels(preprocessing.normalize, file.config.aux_channels)
+    except ValueError as exc:
+        raise CliError(str(exc), "Fix the flag, e.g. --aux-max 10000 for millimetre depth; see gopt predict --help") \
+            from None
+    source = "stored with the adapter" if stored is not None else "defaults: the adapter stores none"
+    if given:
+        source += f"; overridden by {', '.join(given)}"
+    return preprocessing, source
 
 
 # --------------------------------------------------------------------------- inspect
@@ -453,6 +514,7 @@ def adapter_summary(path: str | Path) -> dict[str, Any]:
         "buffers": len(buffers),
         "prompter_blocks": blocks,
         "config": file.config.to_dict(),
+        "preprocessing": file.preprocessing.to_dict() if file.preprocessing is not None else None,
         "backbone": file.backbone,
     }
 
@@ -474,6 +536,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    preprocessing = info["preprocessing"]
     rows = [
         ("file", info["file"]),
         ("size", f"{info['file_bytes']:,} bytes ({_size(info['file_bytes'])})"),
@@ -482,11 +545,21 @@ def _inspect(args: argparse.Namespace) -> int:
         ("trainable parameters", f"{info['trainable_parameters']:,}"),
         ("tensors", f"{info['tensors']} ({info['buffers']} of them BatchNorm statistics, not trained)"),
         ("prompters before blocks", info["prompter_blocks"]),
+        ("preprocessing", "stored; gopt predict applies it" if preprocessing is not None else
+         "not stored; gopt predict uses the defaults (aux divided by the dtype maximum, ImageNet RGB mean/std, "
+         "aux mean/std 0.5)"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    for title, section in (("config", info["config"]), ("backbone fingerprint", info["backbone"])):
+    sections = [("config", info["config"])]
+    if preprocessing is not None:
+        sections.append(("preprocessing", {
+            "aux_scale": preprocessing["aux_scale"],
+            "aux_max": "dtype maximum" if preprocessing["aux_max"] is None else f"{preprocessing['aux_max']:g}",
+            **{key: tuple(value) for key, value in preprocessing["normalize"].items()}}))
+    sections.append(("backbone fingerprint", info["backbone"]))
+    for title, section in sections:
         print(f"{title}:")
         inner = max(len(k) for k in section)
         for key, value in section.items():

@@ -3,8 +3,10 @@
 1. Train a small RGB-only foundation ViT (SETR-naive head, full fine-tuning).
 2. Freeze it, apply GoPT, train only the adapter on RGB + aux.
 3. Evaluate both: mIoU overall and on the classes that only the aux channel separates.
-4. Save the adapter, reload it into a fresh segmenter built from the saved foundation
-   weights, and check that the reloaded one predicts exactly the same.
+4. Save the adapter with the synthetic world's preprocessing (aux in [0, 1] scaled by the
+   dtype maximum, the default mean/std), reload it into a fresh segmenter built from the
+   saved foundation weights, and check that the reloaded one predicts exactly the same and
+   carries the same preprocessing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
 from .model import apply_gopt, remove_gopt
 from .parameters import count_parameters
+from .preprocessing import dataset_preprocessing
 from .transforms import build_transforms, default_train_config
 
 
@@ -94,6 +97,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
 
     print("[2/4] freezing it and training the GoPT adapter on RGB + aux", file=sys.stderr)
     segmenter = apply_gopt(vit, train.aux_channels, num_classes)
+    segmenter.adapter.preprocessing = dataset_preprocessing(val)  # what gopt predict needs to repeat
     gopt_metrics = fit(segmenter, config.gopt, "gopt")
 
     print("[3/4] saving the adapter and reloading it into a fresh segmenter", file=sys.stderr)
@@ -102,7 +106,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
                                   pretrained_cfg_overlay=dict(file=str(weights)), **config.backbone_kwargs)
     fresh = apply_gopt(fresh_vit, **{k: v for k, v in segmenter.config.to_dict().items()})
     load_adapter(fresh, adapter_path)
-    same = all(torch.equal(a, b) for a, b in zip(_predictions(segmenter, val), _predictions(fresh, val)))
+    same = fresh.adapter.preprocessing == segmenter.adapter.preprocessing and all(
+        torch.equal(a, b) for a, b in zip(_predictions(segmenter, val), _predictions(fresh, val)))
     reloaded_metrics = evaluate(fresh, val, num_classes)
 
     print("[4/4] results", file=sys.stderr)

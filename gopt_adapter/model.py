@@ -15,6 +15,7 @@ from . import __version__
 from .adapter import GoptAdapter
 from .adapter_io import (
     AdapterError,
+    AdapterFile,
     adapter_from_file,
     atomic_write_bytes,
     check_backbone,
@@ -43,12 +44,13 @@ class GoptSegmenter(nn.Module):
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: GoptAdapter,
                  adapter_name: str = DEFAULT_ADAPTER, weights_sha256: str | None = None) -> None:
+        check_adapter_name(adapter_name)  # before the model is touched
         super().__init__()
         self.spec = spec
         self._digest_cache = (weights_version(model), weights_sha256) if weights_sha256 else None
-        self._original = {
+        self._original = {  # what remove_gopt restores
             "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-            "training": model.training,
+            "training": {name: m.training for name, m in model.named_modules()},
             "grad_checkpointing": getattr(model, "grad_checkpointing", None),
         }
         self._context = PromptContext()
@@ -149,8 +151,7 @@ class GoptSegmenter(nn.Module):
 
         The new adapter is not activated (see :meth:`set_adapter`); on failure nothing changes.
         """
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} exists already; delete_adapter({name!r}) first")
         if isinstance(source, GoptConfig):
@@ -190,7 +191,8 @@ class GoptSegmenter(nn.Module):
         """Backbone identity stored in adapter files.
 
         The SHA-256 of the frozen weights is computed once and reused for as long as no
-        backbone tensor is replaced or modified in place (checked through tensor versions).
+        backbone tensor is replaced or modified (checked through tensor versions and a sample
+        of every tensor's values, see :func:`~gopt_adapter.backbone.weights_version`).
         """
         version = weights_version(self.backbone)
         if self._digest_cache is None or self._digest_cache[0] != version:
@@ -214,6 +216,22 @@ class GoptSegmenter(nn.Module):
         return directory
 
     @classmethod
+    def from_adapter_file(cls, model: nn.Module, file: AdapterFile, adapter_name: str = DEFAULT_ADAPTER,
+                          allow_backbone_mismatch: bool = False) -> "GoptSegmenter":
+        """Wraps ``model`` with the adapter of a read :class:`AdapterFile` (weights and preprocessing).
+
+        The name, the model and the file's fit to the backbone are all checked before the model
+        is touched; on failure it is left exactly as it was.
+        """
+        check_adapter_name(adapter_name)
+        check_unwrapped(model)
+        spec = BackboneSpec.from_model(model)
+        digest = weights_digest(model)
+        check_backbone(file, fingerprint(spec, digest), allow_backbone_mismatch)
+        adapter = adapter_from_file(file, spec)
+        return cls(model, spec, adapter, adapter_name, weights_sha256=digest)
+
+    @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
                         allow_backbone_mismatch: bool = False) -> "GoptSegmenter":
         """Wraps ``model`` with the adapter saved by :meth:`save_pretrained`; checks all first."""
@@ -228,15 +246,16 @@ class GoptSegmenter(nn.Module):
             raise AdapterError(f"{directory / CONFIG_NAME}: invalid ({exc})") from None
         if manifest_config != file.config:
             raise AdapterError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree on the config")
-        check_unwrapped(model)
-        spec = BackboneSpec.from_model(model)
-        digest = weights_digest(model)
-        check_backbone(file, fingerprint(spec, digest), allow_backbone_mismatch)
-        adapter = adapter_from_file(file, spec)
-        return cls(model, spec, adapter, adapter_name, weights_sha256=digest)
+        return cls.from_adapter_file(model, file, adapter_name, allow_backbone_mismatch)
 
     def extra_repr(self) -> str:
         return f"active_adapter={self._active!r}"
+
+
+def check_adapter_name(name: str) -> None:
+    """Raises ``ValueError`` unless ``name`` can key an adapter (a non-empty string without '.')."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
 
 def check_unwrapped(model: nn.Module) -> None:
@@ -263,7 +282,8 @@ def apply_gopt(model: nn.Module, aux_channels: int, num_classes: int, interval: 
 
 
 def remove_gopt(segmenter: GoptSegmenter) -> nn.Module:
-    """Gives back the original timm model: module tree, keys, flags and mode restored.
+    """Gives back the original timm model: module tree, keys, ``requires_grad`` flags and the
+    train/eval mode of every submodule as they were when GoPT was applied.
 
     The segmenter is unusable afterwards.
     """
@@ -276,7 +296,8 @@ def remove_gopt(segmenter: GoptSegmenter) -> nn.Module:
         param.requires_grad_(original["requires_grad"][name])
     if original["grad_checkpointing"] is not None:
         model.grad_checkpointing = original["grad_checkpointing"]
-    model.train(original["training"])
+    for name, module in model.named_modules():
+        module.training = original["training"][name]
     del segmenter._modules["backbone"]
     return model
 

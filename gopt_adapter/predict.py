@@ -8,10 +8,14 @@ What ``gopt predict`` does with one RGB + auxiliary pair:
    into RGB + thermal.
 2. Scales the auxiliary image to [0, 1] like the dataset readers: ``"fixed"`` (default)
    divides by ``aux_max`` (default: the dtype maximum, 255 for 8-bit, 65535 for 16-bit;
-   pass 10000 for millimetre depth read as the NYUDv2 / SUN RGB-D readers do) and clips;
+   10000 for millimetre depth read as the NYUDv2 / SUN RGB-D readers do) and clips;
    ``"per_image"`` min-max scales each image.
 3. Normalises with a :class:`~gopt_adapter.transforms.NormalizeConfig` (by default the
    training default: ImageNet mean/std for RGB, 0.5/0.5 for aux).
+
+``gopt predict`` takes steps 2 and 3 from the adapter's stored
+:class:`~gopt_adapter.preprocessing.Preprocessing` when it has one (flags override single
+values), else from the defaults.
 4. Pads the normalised images at the bottom/right with zeros up to a multiple of the patch
    size (zero after normalisation = the mean colour, which is how the training crop pads),
    runs the segmenter and crops the logits back to the input size.
@@ -32,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .adapter_io import AdapterFile, adapter_from_file, check_backbone, fingerprint, read_adapter_file
-from .backbone import BackboneSpec, weights_digest
+from .adapter_io import AdapterFile, read_adapter_file
 from .datasets.base import check_same_size, read_image, scale_to_unit
-from .model import GoptSegmenter, check_unwrapped
+from .model import GoptSegmenter
+from .preprocessing import check_aux_channels
 from .transforms import NormalizeConfig
 from .visualize import class_palette, colorize_aux, make_panel
 
@@ -77,12 +81,13 @@ class ImagePair:
 def build_backbone(name: str, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
     """``timm.create_model`` for dense prediction at any size, with local weights if given.
 
-    Raises ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError`` (weights that
-    do not fit) with timm's message.
+    Models that have no ``dynamic_img_size`` option (Beit) are built at their fixed
+    ``img_size``. Raises ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError``
+    (weights that do not fit) with timm's message.
     """
     import timm
 
-    kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, **(backbone_kwargs or {})}
+    kwargs: dict[str, Any] = {"num_classes": 0, **(backbone_kwargs or {})}
     if weights:
         path = Path(weights)
         if not path.is_file():
@@ -90,6 +95,12 @@ def build_backbone(name: str, weights: str | None = None, backbone_kwargs: dict[
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())))
     else:
         kwargs["pretrained"] = False
+    if "dynamic_img_size" not in kwargs:
+        try:
+            return timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
+        except TypeError as exc:
+            if "dynamic_img_size" not in str(exc):
+                raise
     return timm.create_model(name, **kwargs).eval()
 
 
@@ -101,11 +112,7 @@ def load_segmenter(model: torch.nn.Module, adapter: str | Path | AdapterFile,
     :class:`~gopt_adapter.AdapterError`.
     """
     file = adapter if isinstance(adapter, AdapterFile) else read_adapter_file(adapter)
-    check_unwrapped(model)
-    spec = BackboneSpec.from_model(model)
-    digest = weights_digest(model)
-    check_backbone(file, fingerprint(spec, digest), allow_backbone_mismatch)
-    segmenter = GoptSegmenter(model, spec, adapter_from_file(file, spec), weights_sha256=digest)
+    segmenter = GoptSegmenter.from_adapter_file(model, file, allow_backbone_mismatch=allow_backbone_mismatch)
     return segmenter.eval(), file
 
 
@@ -260,11 +267,7 @@ def predict_labels(segmenter: GoptSegmenter, pair: ImagePair, normalize: Normali
     """Arg-max class ids ``int64 [H, W]`` of one pair (zero padding to the patch size, cropped back)."""
     rgb = torch.from_numpy(np.ascontiguousarray(pair.rgb.transpose(2, 0, 1)))[None]  # [1, 3, H, W]
     aux = torch.from_numpy(np.ascontiguousarray(pair.aux.transpose(2, 0, 1)))[None]  # [1, C, H, W]
-    channels = aux.shape[1]
-    for name in ("aux_mean", "aux_std"):
-        if len(getattr(normalize, name)) not in (1, channels):
-            raise ValueError(f"--{name.replace('_', '-')} has {len(getattr(normalize, name))} values for "
-                             f"{channels} aux channel(s)")
+    check_aux_channels(normalize, aux.shape[1])
     rgb = (rgb - torch.tensor(normalize.rgb_mean).view(1, -1, 1, 1)) / torch.tensor(normalize.rgb_std).view(1, -1, 1, 1)
     aux = (aux - torch.tensor(normalize.aux_mean).view(1, -1, 1, 1)) / torch.tensor(normalize.aux_std).view(1, -1, 1, 1)
     height, width = rgb.shape[-2:]

@@ -7,8 +7,11 @@ set of adapters). The frozen backbone is never written by any save or load path.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import random
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -26,12 +29,14 @@ from gopt_adapter import (
     AdapterError,
     GoptConfig,
     GoptSegmenter,
+    Preprocessing,
     apply_gopt,
     count_parameters,
     load_adapter,
     read_adapter_file,
     save_adapter,
 )
+from gopt_adapter.transforms import NormalizeConfig
 
 # Two configs that differ in every structural choice: aux channels, classes, interval,
 # assignment, ACP, head type.
@@ -502,3 +507,231 @@ def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
     with pytest.raises(AdapterError, match="dtype torch.float64"):
         load_adapter(segmenter, path)
     assert_bitwise_equal(before, snapshot(segmenter))
+
+
+# ------------------------------------------------------------- files that fit badly
+def doctored_file(tmp_path, segmenter, doctor) -> Path:
+    """A file written by the library's own encoder (valid checksum) from a doctored copy of the adapter."""
+    from gopt_adapter.adapter_io import encode_adapter
+
+    adapter = copy.deepcopy(segmenter.adapter)
+    doctor(adapter)
+    path = tmp_path / "doctored.safetensors"
+    path.write_bytes(encode_adapter(adapter, segmenter.backbone_fingerprint()))
+    read_adapter_file(path)  # the checksum holds: only the tensor check can refuse it
+    return path
+
+
+def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
+    """Files with a valid checksum whose tensors do not fit the adapter: missing (class_tokens),
+    unexpected (an extra buffer) or of another shape (class_tokens [C, r+1]) are refused by
+    load_adapter and add_adapter, naming the tensor, and nothing changes."""
+    segmenter = target()
+
+    def drop(adapter):
+        del adapter.class_tokens
+
+    def extra(adapter):
+        adapter.register_buffer("stray", torch.zeros(3))
+
+    def reshape(adapter):
+        groups, width = adapter.class_tokens.shape
+        adapter.class_tokens = torch.nn.Parameter(torch.zeros(groups, width + 1))
+
+    for doctor, match in [(drop, r"missing \['class_tokens'\], unexpected \[\]"),
+                          (extra, r"missing \[\], unexpected \['stray'\]"),
+                          (reshape, r"shape/dtype \['class_tokens \(\d+, \d+\) != \(\d+, \d+\)'\]")]:
+        assert_rejected(segmenter, doctored_file(tmp_path, segmenter, doctor), match)
+
+
+# ------------------------------------------------------------------ preprocessing
+NYU = Preprocessing(aux_scale="fixed", aux_max=10_000,
+                    normalize=NormalizeConfig(aux_mean=(0.2,), aux_std=(0.3,)))
+
+
+def test_preprocessing_round_trips_through_every_load_path(tmp_path):
+    """adapter.preprocessing is saved, covered by the checksum, and restored by read_adapter_file,
+    load_adapter, add_adapter and from_pretrained; a file without one gives None everywhere."""
+    source = trained(CONFIGS["default"])
+    assert source.adapter.preprocessing is None
+    plain = save_adapter(source, tmp_path / "plain.safetensors")
+    source.adapter.preprocessing = NYU
+    path = save_adapter(source, tmp_path / "nyu.safetensors")
+    source.save_pretrained(tmp_path / "nyu_dir")
+
+    assert read_adapter_file(plain).preprocessing is None
+    assert read_adapter_file(path).preprocessing == NYU
+    loaded = build(CONFIGS["default"])
+    load_adapter(loaded, path)
+    assert loaded.adapter.preprocessing == NYU
+    load_adapter(loaded, plain)  # the file's weights come with the file's (absent) preprocessing
+    assert loaded.adapter.preprocessing is None
+    loaded.add_adapter("nyu", path)
+    assert loaded.get_adapter("nyu").preprocessing == NYU and loaded.adapter.preprocessing is None
+    restored = GoptSegmenter.from_pretrained(make_backbone("vit"), tmp_path / "nyu_dir")
+    assert restored.adapter.preprocessing == NYU
+    assert Preprocessing.from_dict(NYU.to_dict()) == NYU
+
+    blob = path.read_bytes()
+    assert blob.count(b"10000.0") == 1  # aux_max in the header: 10000 -> 20000 must fail the checksum
+    bad = tmp_path / "edited.safetensors"
+    bad.write_bytes(blob.replace(b"10000.0", b"20000.0"))
+    assert_rejected(target(), bad, "checksum mismatch")
+
+
+def test_invalid_stored_preprocessing_is_refused(tmp_path):
+    """A file whose preprocessing metadata is invalid (but checksummed) is an AdapterError naming it;
+    so is one whose aux mean has more values than the adapter has aux channels."""
+    from safetensors.torch import load_file, safe_open
+
+    source = build(CONFIGS["default"])
+    source.adapter.preprocessing = NYU
+    path = save_adapter(source, tmp_path / "nyu.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = load_file(str(path))
+    for field, value in [("aux_scale", "log"), ("aux_max", -1), ("normalize", {"aux_mean": [0.1, 0.2]})]:
+        stored = json.loads(metadata["preprocessing"])
+        stored[field] = {**stored["normalize"], **value} if field == "normalize" else value
+        edited = {**metadata, "preprocessing": json.dumps(stored)}
+        edited["checksum"] = adapter_io._checksum(edited, tensors)
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=edited)
+        with pytest.raises(AdapterError, match="invalid preprocessing"):
+            read_adapter_file(tmp_path / "bad.safetensors")
+
+
+def test_preprocessing_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="aux_scale must be one of"):
+        Preprocessing(aux_scale="log")
+    with pytest.raises(ValueError, match="aux_max must be a finite number > 0"):
+        Preprocessing(aux_max=0)
+    with pytest.raises(ValueError, match="only applies to aux_scale 'fixed'"):
+        Preprocessing(aux_scale="per_image", aux_max=255)
+    with pytest.raises(ValueError, match="normalize must be a NormalizeConfig"):
+        Preprocessing(normalize={"aux_mean": (0.5,)})
+    with pytest.raises(ValueError, match="unknown preprocessing fields"):
+        Preprocessing.from_dict({"aux_scale": "fixed", "mean": 0.5})
+    with pytest.raises(TypeError, match="must be a Preprocessing"):
+        build(CONFIGS["default"]).adapter.preprocessing = NYU.to_dict()
+    assert NYU.override(aux_scale="per_image") == Preprocessing("per_image", None, NYU.normalize)
+    assert NYU.override(aux_max=255.0, aux_std=(0.1,)).normalize.aux_std == (0.1,)
+    segmenter = build(CONFIGS["default"])  # 1 aux channel: two aux means cannot be saved
+    segmenter.adapter.preprocessing = Preprocessing(normalize=NormalizeConfig(aux_mean=(0.1, 0.2)))
+    with pytest.raises(ValueError, match="aux_mean has 2 values for 1 aux channel"):
+        save_adapter(segmenter, tmp_path / "never_written.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_preprocessing_reproduces_the_readers_samples(tmp_path):
+    """Applying dataset_preprocessing(dataset) to the raw files, as gopt predict does, gives the
+    dataset's own normalised sample: NYUDv2 millimetre depth (fixed / 10000), HHA (dtype
+    maximum) and MFNet thermal scaled per image, each with the transform's mean/std."""
+    from types import SimpleNamespace
+
+    from datasets_helpers import make_mfnet, make_nyudv2
+    from gopt_adapter.datasets import get_dataset
+    from gopt_adapter.predict import read_pair
+    from gopt_adapter.preprocessing import dataset_preprocessing
+    from gopt_adapter.transforms import build_transforms
+
+    make_nyudv2(tmp_path / "NYUDepthv2", {"test": ["0001"]}, hha=True)
+    make_mfnet(tmp_path / "MFNet", {"test": ["00001D"]}, layout="folders")
+    norm = NormalizeConfig(aux_mean=(0.3,), aux_std=(0.2,))
+    cases = [
+        ("nyudv2", {}, "Depth/0001.png", Preprocessing("fixed", 10_000.0, norm)),
+        ("nyudv2", {"aux": "hha"}, "HHA/0001.jpg", Preprocessing("fixed", None, norm)),
+        ("mfnet", {"thermal_normalization": "per_image"}, "Thermal/00001D.png", Preprocessing("per_image", None, norm)),
+    ]
+    for name, options, aux_file, expected in cases:
+        root = tmp_path / ("NYUDepthv2" if name == "nyudv2" else "MFNet")
+        dataset = get_dataset(name, root=root, split="test", transform=build_transforms(name, False, normalize=norm),
+                              **options)
+        preprocessing = dataset_preprocessing(dataset)
+        assert preprocessing == expected, (name, options)
+        sample = dataset[0]
+        rgb_file = next((root / "RGB").iterdir())
+        pair = read_pair(rgb_file, root / aux_file, dataset.aux_channels, preprocessing.aux_scale,
+                         preprocessing.aux_max)
+        norm_used = preprocessing.normalize
+        aux = (torch.from_numpy(pair.aux).permute(2, 0, 1) - torch.tensor(norm_used.aux_mean).view(-1, 1, 1)) \
+            / torch.tensor(norm_used.aux_std).view(-1, 1, 1)
+        torch.testing.assert_close(aux, sample["aux"])
+    with pytest.raises(ValueError, match="cannot tell the normalisation"):
+        dataset_preprocessing(SimpleNamespace(aux_channels=1, transform=lambda sample: sample))
+    assert dataset_preprocessing(SimpleNamespace(aux_channels=1, transform=None)).normalize.rgb_std == (1.0, 1.0, 1.0)
+
+
+# ------------------------------------------------------------------ file modes
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_new_files_honour_the_umask_and_rewrites_keep_the_mode(tmp_path, umask):
+    segmenter = build(CONFIGS["default"])
+    old = os.umask(umask)
+    try:
+        path = save_adapter(segmenter, tmp_path / "adapter.safetensors")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+        path.chmod(0o640)
+        save_adapter(segmenter, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+# ------------------------------------------------------------------ digest cache
+def test_backbone_digest_is_cached_across_saves_but_sees_data_edits(tmp_path, monkeypatch):
+    """Several saves hash the backbone once; an edit through .data (no version bump) is seen and
+    the next file records the digest of the edited weights."""
+    import gopt_adapter.model as model_module
+    from gopt_adapter.backbone import weights_digest
+
+    calls = []
+
+    def counting(module):
+        calls.append(module)
+        return weights_digest(module)
+
+    monkeypatch.setattr(model_module, "weights_digest", counting)
+    segmenter = build(CONFIGS["default"])
+    for index in range(3):
+        save_adapter(segmenter, tmp_path / f"a{index}.safetensors")
+    segmenter.save_pretrained(tmp_path / "dir")
+    assert len(calls) == 1
+    first = read_adapter_file(tmp_path / "a0.safetensors").backbone["weights_sha256"]
+
+    weight = segmenter.backbone.blocks[1].block.mlp.fc1.weight
+    version = weight._version
+    weight.data.mul_(2)
+    assert weight._version == version  # what the probe exists for
+    path = save_adapter(segmenter, tmp_path / "edited.safetensors")
+    save_adapter(segmenter, tmp_path / "edited_again.safetensors")
+    assert len(calls) == 2
+    recorded = read_adapter_file(path).backbone["weights_sha256"]
+    assert recorded != first and recorded == weights_digest(segmenter.backbone)
+
+    restored = GoptSegmenter.from_pretrained(make_backbone("vit"), tmp_path / "dir")  # digest computed on wrap
+    save_adapter(restored, tmp_path / "restored.safetensors")
+    assert len(calls) == 3
+
+
+# ------------------------------------------------------- from_pretrained leaves the model alone
+def model_state(model):
+    return (snapshot(model), {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, type(m), m.training) for n, m in model.named_modules()])
+
+
+@pytest.mark.parametrize("case", ["dotted_name", "empty_name", "number_name", "other_weights", "already_wrapped"])
+def test_from_pretrained_failures_leave_the_model_unchanged(tmp_path, case):
+    """Every refusal happens before the model is touched: weights, requires_grad, module types and
+    every module's mode are as before."""
+    build(CONFIGS["default"]).save_pretrained(tmp_path)
+    model = make_backbone("vit", seed=1 if case == "other_weights" else 0).train()
+    model.blocks[0].requires_grad_(False)
+    kwargs = {"dotted_name": dict(adapter_name="a.b"), "empty_name": dict(adapter_name=""),
+              "number_name": dict(adapter_name=3)}.get(case, {})
+    if case == "already_wrapped":
+        model = apply_gopt(model, aux_channels=1, num_classes=5).backbone
+    before = model_state(model)
+    with pytest.raises((ValueError, AdapterError)):
+        GoptSegmenter.from_pretrained(model, tmp_path, **kwargs)
+    after = model_state(model)
+    assert_bitwise_equal(before[0], after[0])
+    assert before[1:] == after[1:]

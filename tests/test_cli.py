@@ -1,5 +1,6 @@
 """The ``gopt`` command line: help, inspect, predict on real image files, errors, train + eval."""
 
+import argparse
 import json
 import os
 import shutil
@@ -297,3 +298,174 @@ def test_palette_and_colour_maps():
         assert table.shape == (256, 3) and table.dtype == np.uint8
     luminance = colormap("viridis").astype(float) @ np.array([0.299, 0.587, 0.114])
     assert (np.diff(luminance) >= -0.5).all()  # perceptual: lightness rises monotonically
+
+
+# ----------------------------------------------------------------------------- every option documented
+def test_every_option_has_help():
+    from gopt_adapter.cli import build_parser
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{prefix} {name}")
+            else:
+                yield prefix, action
+
+    missing = [f"{where} {'/'.join(a.option_strings) or a.dest}" for where, a in walk(build_parser(), "gopt")
+               if not (a.help or "").strip()]
+    assert missing == []
+
+
+# ----------------------------------------------------------------------------- stored preprocessing
+NYU_LIKE = dict(aux_max=10_000.0, aux_mean=(0.2,), aux_std=(0.3,))
+
+
+def save_with_preprocessing(files, path):
+    """The module's adapter saved again with a NYUDv2-like preprocessing (same weights)."""
+    from gopt_adapter import Preprocessing
+    from gopt_adapter.transforms import NormalizeConfig
+
+    adapter = files["segmenter"].adapter
+    adapter.preprocessing = Preprocessing(aux_max=NYU_LIKE["aux_max"], normalize=NormalizeConfig(
+        aux_mean=NYU_LIKE["aux_mean"], aux_std=NYU_LIKE["aux_std"]))
+    try:
+        save_adapter(files["segmenter"], path)
+    finally:
+        adapter.preprocessing = None
+    return path
+
+
+@pytest.fixture(scope="module")
+def depth_pair(tmp_path_factory):
+    """An RGB PNG and a 16-bit millimetre depth PNG (0..10 m) of 48x64 pixels."""
+    tmp = tmp_path_factory.mktemp("pair")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp / "room.png")
+    Image.fromarray(rng.integers(0, 10_001, (48, 64)).astype(np.uint16)).save(tmp / "room_depth.png")
+    return tmp / "room.png", tmp / "room_depth.png"
+
+
+def test_inspect_shows_stored_preprocessing(files, capsys):
+    stored = save_with_preprocessing(files, files["tmp"] / "nyu_like.safetensors")
+    assert main(["inspect", str(stored)]) == 0
+    text = capsys.readouterr().out
+    assert "preprocessing            stored; gopt predict applies it" in text
+    for line in ("aux_scale  fixed", "aux_max    10000", "aux_mean   (0.2,)", "aux_std    (0.3,)",
+                 "rgb_mean   (0.485, 0.456, 0.406)"):
+        assert f"  {line}" in text, line
+    assert main(["inspect", "--json", str(stored)]) == 0
+    assert json.loads(capsys.readouterr().out)["preprocessing"] == {
+        "aux_scale": "fixed", "aux_max": 10000.0,
+        "normalize": {"rgb_mean": [0.485, 0.456, 0.406], "rgb_std": [0.229, 0.224, 0.225],
+                      "aux_mean": [0.2], "aux_std": [0.3]}}
+    assert main(["inspect", str(files["adapter"])]) == 0
+    assert "preprocessing            not stored; gopt predict uses the defaults" in capsys.readouterr().out
+    assert main(["inspect", "--json", str(files["adapter"])]) == 0
+    assert json.loads(capsys.readouterr().out)["preprocessing"] is None
+
+
+def test_predict_applies_the_stored_preprocessing(files, depth_pair, tmp_path, capsys):
+    """16-bit depth with a stored aux_max 10000 and aux mean/std 0.2/0.3 predicts exactly what the
+    same weights predict with those values as flags, and differently from the defaults (depth
+    divided by 65535, mean/std 0.5); flags override stored values. stderr says which is used."""
+    stored = save_with_preprocessing(files, tmp_path / "nyu_like.safetensors")
+    flags = ["--aux-max", "10000", "--aux-mean", "0.2", "--aux-std", "0.3"]
+    defaults = ["--aux-max", "65535", "--aux-mean", "0.5", "--aux-std", "0.5"]
+
+    def labels(name, adapter, extra=()):
+        out = tmp_path / name
+        assert main(predict_args(files, *depth_pair, out=out, adapter=adapter, extra=list(extra))) == 0
+        err = capsys.readouterr().err
+        return np.array(Image.open(out / "room_label.png")), err
+
+    from_file, err = labels("stored", stored)
+    assert "preprocessing (stored with the adapter): aux fixed / 10000;" in err and "aux mean (0.2,)" in err
+    from_flags, err = labels("flags", files["adapter"], flags)
+    assert "(defaults: the adapter stores none; overridden by --aux-max, --aux-mean, --aux-std)" in err
+    default, err = labels("default", files["adapter"])
+    assert "(defaults: the adapter stores none): aux fixed / dtype max;" in err
+    overridden, err = labels("overridden", stored, defaults)
+    assert "(stored with the adapter; overridden by --aux-max, --aux-mean, --aux-std)" in err
+    assert np.array_equal(from_file, from_flags)
+    assert not np.array_equal(from_file, default)
+    assert np.array_equal(overridden, default)
+
+
+@needs_fixtures
+def test_predict_mfnet_png_given_as_rgb_and_aux(files, tmp_path):
+    """A 4-channel MFNet PNG given as both RGB and AUX is split like the same file given alone."""
+    alone, both = tmp_path / "alone", tmp_path / "both"
+    assert main(predict_args(files, MFNET, out=alone)) == 0
+    assert main(predict_args(files, MFNET, MFNET, out=both)) == 0
+    label = check_outputs(both, "01234N", (480, 640))
+    assert np.array_equal(label, np.array(Image.open(alone / "01234N_label.png")))
+
+
+# ----------------------------------------------------------------------------- every error is one line
+def assert_one_line_error(capsys, *fragments):
+    """stderr ends with one ``error:`` line holding every fragment; before it at most the
+    preprocessing note of gopt predict, no traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and all(line.startswith("preprocessing (") for line in lines[:-1]), err
+    assert all(fragment in lines[-1] for fragment in fragments), err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def test_output_path_errors_are_one_line(files, depth_pair, tmp_path, capsys):
+    """-o naming an existing file, or a folder below a file (an OSError from mkdir), is one line, status 2."""
+    existing = tmp_path / "taken.txt"
+    existing.write_text("not a folder")
+    assert main(predict_args(files, *depth_pair, out=existing)) == 2
+    assert_one_line_error(capsys, f"-o {existing} is an existing file")
+    assert main(predict_args(files, *depth_pair, out=existing / "sub")) == 2
+    assert_one_line_error(capsys, str(existing / "sub"), "Not a directory")
+    with pytest.raises(NotADirectoryError):
+        main([*predict_args(files, *depth_pair, out=existing / "sub"), "--debug"])
+
+
+def test_fixed_size_backbone_and_other_image_size_is_one_line(depth_pair, tmp_path, capsys):
+    """A Beit (fixed 64x64 input) runs on 64x64 images; on the 48x64 pair the error is one line."""
+    from gopt_adapter.predict import build_backbone
+
+    kwargs = dict(TINY)
+    adapter = tmp_path / "beit.safetensors"
+    make_adapter(adapter, build_backbone("beit_base_patch16_224", None, kwargs))
+    args = ["predict", "--backbone", "beit_base_patch16_224", "--backbone-kwargs", json.dumps(kwargs),
+            "--adapter", str(adapter), "--allow-backbone-mismatch", "--no-progress"]
+    square = tmp_path / "square.png"
+    Image.fromarray(np.zeros((64, 64, 4), dtype=np.uint8)).save(square)
+    assert main([*args, str(square), "-o", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    assert main([*args, *map(str, depth_pair), "-o", str(tmp_path / "o")]) == 2
+    assert_one_line_error(capsys, "fixed input size (64, 64), got (48, 64)", str(depth_pair[0]))
+
+
+def test_a_bug_is_one_line_naming_it_and_debug_shows_it(files, depth_pair, tmp_path, capsys, monkeypatch):
+    import gopt_adapter.predict as predict
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(predict, "predict_labels", broken)
+    args = predict_args(files, *depth_pair, out=tmp_path / "o")
+    assert main(args) == 1
+    line = assert_one_line_error(capsys, "unexpected KeyError: 'boom'", "test_cli.py", "--debug", "bug")
+    assert "in broken" in line
+    with pytest.raises(KeyError, match="boom"):
+        main([*args, "--debug"])
+
+
+def test_any_value_or_os_error_is_one_line_without_traceback(files, depth_pair, tmp_path, capsys, monkeypatch):
+    """Expected error types raised anywhere (here: while writing the outputs) are one line, status 2."""
+    import gopt_adapter.predict as predict
+
+    for error in (ValueError("palette has\n3 colours"), OSError("disk full")):
+        def failing(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(predict, "write_prediction", failing)
+        assert main(predict_args(files, *depth_pair, out=tmp_path / "o")) == 2
+        assert_one_line_error(capsys, " ".join(str(error).split()), "--debug")

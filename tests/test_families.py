@@ -110,3 +110,17 @@ def test_remove_gopt_restores_the_original_model(family):
     assert_bitwise_equal(before, snapshot(restored))
     with pytest.raises(ValueError, match="already removed"):
         remove_gopt(segmenter)
+
+
+def test_remove_gopt_restores_every_submodules_mode():
+    """A model in eval mode except one submodule (a block's MLP, e.g. left training by the user)
+    comes back with exactly those per-module modes, whatever train()/eval() ran in between."""
+    model = make_backbone("vit").eval()
+    model.blocks[1].mlp.train()
+    modes = [(name, module.training) for name, module in model.named_modules()]
+    assert any(training for _, training in modes) and not all(training for _, training in modes)
+    segmenter = apply_gopt(model, aux_channels=1, num_classes=3, hidden_dim=8)
+    segmenter.train()
+    segmenter.eval()
+    segmenter.train()
+    assert [(name, module.training) for name, module in remove_gopt(segmenter).named_modules()] == modes

@@ -248,3 +248,28 @@ def test_aux_channels_follow_the_active_adapter(tasks):
         segmenter.set_adapter("default")
         with pytest.raises(ValueError, match=r"aux \[B, 1, H, W\].*aux \(1, 3, 48, 80\)"):
             segmenter(rgb, aux3)
+
+
+def test_each_task_keeps_the_preprocessing_of_its_file(tmp_path):
+    """Adapters added from files carry their own stored preprocessing through activation swaps;
+    loading a file into the active adapter replaces its preprocessing with the file's."""
+    from gopt_adapter import Preprocessing
+    from gopt_adapter.transforms import NormalizeConfig
+
+    depth = Preprocessing(aux_max=10_000)
+    sar = Preprocessing(aux_scale="per_image", normalize=NormalizeConfig(aux_mean=(0.1, 0.2, 0.3), aux_std=(0.4,)))
+    paths = {}
+    for key, preprocessing in (("A", depth), ("B", sar)):
+        source = new_segmenter(CONFIGS[key])
+        source.adapter.preprocessing = preprocessing
+        paths[key] = save_adapter(source, tmp_path / f"{key}.safetensors")
+    segmenter = new_segmenter(CONFIGS["A"])
+    segmenter.add_adapter("depth", paths["A"])
+    segmenter.add_adapter("sar", paths["B"])
+    for name in ["sar", "depth", "default", "sar"]:
+        segmenter.set_adapter(name)
+        assert segmenter.adapter.preprocessing == {"depth": depth, "sar": sar, "default": None}[name], name
+    segmenter.set_adapter("default")
+    load_adapter(segmenter, paths["A"])
+    assert segmenter.adapter.preprocessing == depth
+    assert segmenter.get_adapter("sar").preprocessing == sar
