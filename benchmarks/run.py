@@ -6,7 +6,8 @@
 Settings come from ``benchmarks/configs/<dataset>.json`` (the paper's: batch 64, 60 epochs,
 AdamW, LR 4e-5, polynomial decay, MAE ViT-B) and are overridden by the flags. Launch with
 ``torchrun --nproc_per_node N -m benchmarks.run ...`` for DDP. Every input is checked before
-any training starts; ``--resume`` continues an interrupted run from its last checkpoint.
+any training starts (a bad one ends in one ``error: ...`` line); ``--resume`` continues an
+interrupted run from its last checkpoint, or re-reports a finished one.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,24 @@ import timm
 import torch
 
 from gopt_adapter import GoptSegmenter, count_parameters, save_adapter
+from gopt_adapter.adapter_io import atomic_write_bytes
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.datasets import DATASETS, get_dataset
-from gopt_adapter.engine import TrainConfig, Trainer, default_device, init_distributed, seed_everything
-from gopt_adapter.transforms import build_transforms, default_train_config
+from gopt_adapter.engine import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    default_device,
+    init_distributed,
+    json_safe,
+    seed_everything,
+)
+from gopt_adapter.transforms import NormalizeConfig, TrainTransformConfig, build_transforms, default_train_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_TEXT_SETTINGS = ("dataset", "variant", "backbone", "train_split", "val_split", "out")
+_OPTIONAL_TEXT_SETTINGS = ("root", "weights")
+_GROUP_SETTINGS = ("backbone_kwargs", "dataset_options", "val_options", "transforms", "variant_options", "train")
 
 
 class UsageError(Exception):
@@ -90,6 +101,10 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
         raise UsageError(f"config file {path} not found") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"config file {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {path} must hold a JSON object of settings")
     raw["dataset"] = dataset
     for key in ("root", "variant", "backbone", "weights", "out", "train_split", "val_split"):
         if getattr(args, key, None) is not None:
@@ -106,7 +121,11 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
         *parents, leaf = key.split(".")
         for parent in parents:
             target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise UsageError(f"--set {item!r}: {parent!r} is {target!r}, not a group of settings")
         target[leaf] = parsed
+    if raw["dataset"] != dataset:
+        raise UsageError(f"--set dataset={raw['dataset']!r}: choose the dataset with --dataset")
     if dataset == "synthetic":
         raw.setdefault("val_split", "val")
     raw.setdefault("out", f"runs/{dataset}_{raw.get('variant', 'gopt')}")
@@ -114,6 +133,7 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"unknown settings {unknown} in {path} or --set; valid: {sorted(known)}")
+    _check_setting_types(raw)
     try:
         raw["train"] = TrainConfig(**raw.get("train", {}))
     except (TypeError, ValueError) as exc:
@@ -131,6 +151,16 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _check_setting_types(raw: dict[str, Any]) -> None:
+    """Text settings must be strings and groups JSON objects (a wrong type would fail deep inside)."""
+    for key in _TEXT_SETTINGS + _OPTIONAL_TEXT_SETTINGS:
+        if key in raw and not isinstance(raw[key], str) and not (key in _OPTIONAL_TEXT_SETTINGS and raw[key] is None):
+            raise UsageError(f"setting {key} must be a string, got {raw[key]!r}")
+    for key in _GROUP_SETTINGS:
+        if key in raw and not isinstance(raw[key], dict):
+            raise UsageError(f"setting {key} must be a JSON object of settings, got {raw[key]!r}")
+
+
 def build_backbone(config: RunConfig) -> torch.nn.Module:
     """The timm backbone with the user's weights, ready for dense prediction at any size."""
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **config.backbone_kwargs}
@@ -139,6 +169,8 @@ def build_backbone(config: RunConfig) -> torch.nn.Module:
     try:
         model = timm.create_model(config.backbone, **kwargs)
     except RuntimeError as exc:  # state-dict mismatch
+        if not config.weights:
+            raise UsageError(f"cannot create backbone {config.backbone!r}: {str(exc).splitlines()[0]}") from None
         raise UsageError(f"weights {config.weights} do not fit backbone {config.backbone}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
         raise UsageError(f"cannot create backbone {config.backbone!r}: {exc}") from None
@@ -148,9 +180,23 @@ def build_backbone(config: RunConfig) -> torch.nn.Module:
     return model
 
 
+def build_transform_config(config: RunConfig) -> TrainTransformConfig:
+    """The dataset's usual training transforms with ``config.transforms`` applied."""
+    options = dict(config.transforms)
+    valid = [f.name for f in dataclasses.fields(TrainTransformConfig)]
+    try:
+        if "normalize" in options:
+            if not isinstance(options["normalize"], dict):
+                raise TypeError("normalize must be an object such as {\"aux_mean\": [0.5], \"aux_std\": [0.5]}")
+            options["normalize"] = NormalizeConfig(**options["normalize"])
+        return default_train_config(config.dataset, **options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"invalid transforms settings {config.transforms}: {exc} (keys: {valid})") from None
+
+
 def build_datasets(config: RunConfig):
-    transforms = default_train_config(config.dataset, **{k: tuple(v) if isinstance(v, list) else v
-                                                          for k, v in config.transforms.items()})
+    """Train and val sets; one sample of each is read (RNG untouched) to catch bad files and settings now."""
+    transforms = build_transform_config(config)
     try:
         train_set = get_dataset(config.dataset, root=config.root, split=config.train_split,
                                 transform=build_transforms(config.dataset, True, transforms),
@@ -160,6 +206,14 @@ def build_datasets(config: RunConfig):
                               **{**config.dataset_options, **config.val_options})
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise UsageError(f"cannot read {config.dataset}: {exc}") from None
+    for split, dataset in ((config.train_split, train_set), (config.val_split, val_set)):
+        if len(dataset) == 0:
+            raise UsageError(f"{config.dataset} split {split!r} has no samples")
+        try:
+            with torch.random.fork_rng(devices=[]):  # the random transforms must not shift the run's RNG
+                dataset[0]
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"cannot read sample 0 of {config.dataset} split {split!r}: {exc}") from None
     return train_set, val_set
 
 
@@ -171,11 +225,26 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def resolve_device(name: str | None, ctx) -> torch.device:
+    """``--device`` checked against this machine (default: this rank's GPU when there is one)."""
+    if not name:
+        return default_device(ctx)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} requested but CUDA is not available: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def run(config: RunConfig, resume: bool = False, device: str | None = None) -> dict[str, Any]:
     """Trains and evaluates; returns (and on rank 0 writes) the results record."""
     ctx = init_distributed()
     seed_everything(config.train.seed)  # random-init backbones and adapter inits are reproducible
-    target = torch.device(device) if device else default_device(ctx)
+    target = resolve_device(device, ctx)
     train_set, val_set = build_datasets(config)
     backbone = build_backbone(config)
     num_classes = len(train_set.class_names)
@@ -184,26 +253,33 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
     except (TypeError, ValueError) as exc:
         raise UsageError(f"cannot build variant {config.variant}: {exc}") from None
     params = count_parameters(model)
-    trainer = Trainer(model, train_set, num_classes, config.train, config.out, val_set=val_set, device=target, ctx=ctx)
-    start = time.perf_counter()
-    metrics = trainer.fit(resume=resume)
-    wall = time.perf_counter() - start
-    record = {
+    try:
+        trainer = Trainer(model, train_set, num_classes, config.train, config.out, val_set=val_set, device=target,
+                          ctx=ctx)
+    except ValueError as exc:  # batch size vs processes and data size, nothing to train
+        raise UsageError(str(exc)) from None
+    try:
+        metrics = trainer.fit(resume=resume)
+    except CheckpointError as exc:  # raised while resuming, before any training
+        raise UsageError(str(exc)) from None
+    record = json_safe({  # standard JSON: NaN (a class never seen) becomes null
         "config": {**dataclasses.asdict(config), "train": dataclasses.asdict(config.train)},
         "metrics": metrics,
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
-        "wall_time_s": wall,
-        "train_images_per_s": trainer.train_images / max(trainer.train_seconds, 1e-9),
+        "epochs_completed": trainer.epoch,
+        # summed over the sessions of a resumed run (up to each one's last checkpoint)
+        "wall_time_s": trainer.wall_seconds,
+        "train_images_per_s": trainer.train_images / trainer.train_seconds if trainer.train_seconds > 0 else None,
         "hardware": hardware(target),
         "world_size": ctx.world_size,
         "class_names": list(train_set.class_names),
-    }
+    })
     if ctx.is_main:
         out = Path(config.out)
         if isinstance(model, GoptSegmenter):
             save_adapter(model, out / "adapter.safetensors")
-        (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_bytes(out / "results.json", (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
     return record
 
 

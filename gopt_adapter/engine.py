@@ -5,11 +5,14 @@ warmup, gradient accumulation and clipping, cross-entropy with ignore value 255)
 with bf16 autocast and optional ``torch.compile``; under ``torchrun`` with DDP (nccl on CUDA,
 gloo on CPU). Rank 0 alone writes the JSONL log and an atomic checkpoint after every epoch;
 ``resume=True`` continues from it, reproducing the uninterrupted run exactly (data order,
-Gumbel noise and transforms all draw from RNG states stored in the checkpoint).
+Gumbel noise and transforms all draw from RNG states stored in the checkpoint). Resuming
+loads the checkpoint strictly and refuses settings that would change the trajectory; the
+log is cut back to the checkpoint, and the last metrics, wall time and throughput carry over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -17,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -34,6 +37,30 @@ from .metrics import SegMetrics
 IGNORE_INDEX = 255
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+
+#: TrainConfig fields that may differ between a checkpoint and the run resuming it: they only
+#: change what is logged, evaluated or shown (evaluation draws from its own RNG), never the
+#: training trajectory. Every other field (``num_workers`` too: transforms draw from per-worker
+#: RNGs; ``amp``/``compile``/``grad_checkpointing``: numerics) must match.
+RESUME_FREE_FIELDS = frozenset({"eval_every", "eval_window", "eval_stride", "log_every", "progress"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed by this run (other model, other settings)."""
+
+
+def check_window(window: int | None, stride: int | None, prefix: str = "") -> None:
+    """Validates sliding-window settings: ``window > 0`` and ``0 < stride <= window`` (a larger
+    stride would leave pixels that no window covers)."""
+    if window is None:
+        if stride is not None:
+            raise ValueError(f"{prefix}stride ({stride}) needs {prefix}window")
+        return
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"{prefix}window must be a positive integer, got {window!r}")
+    if stride is not None and not (isinstance(stride, int) and 0 < stride <= window):
+        raise ValueError(f"{prefix}stride must be in 1..{prefix}window: got {prefix}stride {stride!r} "
+                         f"with {prefix}window {window}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1  # epochs; 0 = only at the end
     eval_window: int | None = None  # sliding-window size for large images (None = whole image)
-    eval_stride: int | None = None
+    eval_stride: int | None = None  # None = eval_window (no overlap)
     log_every: int = 10  # optimizer steps
     progress: bool = True
 
@@ -74,8 +101,7 @@ class TrainConfig:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if self.eval_stride is not None and self.eval_window is None:
-            raise ValueError("eval_stride needs eval_window")
+        check_window(self.eval_window, self.eval_stride, prefix="eval_")
 
 
 # ------------------------------------------------------------------ distributed
@@ -132,19 +158,22 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG training draws from, as CPU tensors and plain values (weights_only-loadable)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],  # CPU uint8, one per GPU
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restores :func:`_rng_state`; RNG states are always set from CPU byte tensors."""
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
     version, gstate, internal = state["python"]
     random.setstate((version, tuple(gstate), internal))
     name, keys, *rest = state["numpy"]
@@ -157,27 +186,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN for a class never seen, inf) replaced by
+    ``None``, tuples as lists: writable as standard JSON (``allow_nan=False``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One standard-JSON line (NaN written as null)."""
+    return json.dumps(json_safe(record), allow_nan=False)
+
+
 # ------------------------------------------------------------------ evaluation
 def sliding_window_logits(model: Callable, rgb: torch.Tensor, aux: torch.Tensor, num_classes: int,
                           window: int, stride: int | None = None) -> torch.Tensor:
-    """Average of the logits of overlapping ``window``-sized crops covering the image."""
-    stride = stride or window
+    """Average of the logits of overlapping ``window``-sized crops covering the image.
+
+    ``stride`` (default ``window``) must lie in ``1..window``; the last window of each axis is
+    flush with the border, so every pixel is covered at least once.
+    """
+    check_window(window, stride)
+    stride = window if stride is None else stride
     height, width = rgb.shape[-2:]
     if height <= window and width <= window:
         return model(rgb, aux)
-    logits = rgb.new_zeros(rgb.shape[0], num_classes, height, width)
-    counts = rgb.new_zeros(1, 1, height, width)
-    rows = _window_starts(height, window, stride)
-    cols = _window_starts(width, window, stride)
-    for top in rows:
-        for left in cols:
+    logits = rgb.new_zeros(rgb.shape[0], num_classes, height, width, dtype=torch.float32)  # [B, K, H, W]
+    counts = rgb.new_zeros(1, 1, height, width, dtype=torch.float32)  # windows covering each pixel
+    for top in window_starts(height, window, stride):
+        for left in window_starts(width, window, stride):
             crop = (..., slice(top, top + window), slice(left, left + window))
             logits[crop] += model(rgb[crop], aux[crop]).float()
             counts[crop] += 1
     return logits / counts
 
 
-def _window_starts(size: int, window: int, stride: int) -> list[int]:
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets along one axis: every ``stride`` pixels, plus one window flush with the
+    border; ``[0]`` when the axis fits in one window (the crop is then the whole axis)."""
+    check_window(window, stride)
     if size <= window:
         return [0]
     starts = list(range(0, size - window + 1, stride))
@@ -190,17 +242,23 @@ def _window_starts(size: int, window: int, stride: int) -> list[int]:
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device | str = "cpu",
              ctx: Dist = Dist(), window: int | None = None, stride: int | None = None, amp: bool = True,
              progress: bool = False) -> dict[str, Any]:
-    """Full-size evaluation (batch 1, images may differ in size), summed over all ranks."""
+    """Full-size evaluation (batch 1, images may differ in size), summed over all ranks.
+
+    Draws nothing from the global RNGs, so evaluating during training leaves the training
+    trajectory unchanged (``eval_every`` may differ on resume).
+    """
+    check_window(window, stride)
     was_training = model.training
     model.eval()
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))  # no padding duplicates
-    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0)
+    # its own generator: the loader's base seed would otherwise come from torch's global RNG
+    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0, generator=torch.Generator())
     metrics = SegMetrics(num_classes, IGNORE_INDEX, device=device)
     autocast = _autocast(device, amp)
     for batch in _progress(loader, "eval", progress and ctx.is_main):
         rgb, aux = batch["rgb"].to(device), batch["aux"].to(device)
         with autocast:
-            if window:
+            if window is not None:
                 logits = sliding_window_logits(model, rgb, aux, num_classes, window, stride)
             else:
                 logits = model(rgb, aux)
@@ -225,7 +283,13 @@ def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = 
 
 # ------------------------------------------------------------------ training
 class Trainer:
-    """Trains ``model`` on ``train_set``; evaluates on ``val_set``; checkpoints to ``out_dir``."""
+    """Trains ``model`` on ``train_set``; evaluates on ``val_set``; checkpoints to ``out_dir``.
+
+    Besides the weights, the trainer carries over resumes: ``metrics`` (the last evaluation)
+    and ``metrics_epoch``, ``wall_seconds`` (time spent in :meth:`fit`, summed over sessions
+    up to the last checkpoint), and ``train_images`` / ``train_seconds`` (over all ranks, for
+    throughput). Work after the last checkpoint of a killed session is redone, not counted.
+    """
 
     def __init__(self, model: nn.Module, train_set: Dataset, num_classes: int, config: TrainConfig,
                  out_dir: str | os.PathLike, val_set: Dataset | None = None, device: torch.device | str | None = None,
@@ -261,16 +325,20 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: poly_lr_factor(step, self.total_steps, config.warmup_steps, config.poly_power)
         )
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         self.forward = self._build_forward(model)
         self.epoch, self.step = 0, 0
         self.train_images, self.train_seconds = 0, 0.0  # over all ranks, for throughput
+        self.wall_seconds = 0.0
+        self.metrics: dict[str, Any] = {}
+        self.metrics_epoch: int | None = None  # the epoch self.metrics were measured after
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def _build_forward(self, model: nn.Module) -> nn.Module:
         forward = model
         if self.ctx.world_size > 1:
-            forward = nn.parallel.DistributedDataParallel(
+            forward = self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if self.config.compile:
@@ -293,23 +361,53 @@ class Trainer:
             "step": self.step,
             "rng": _rng_state(),
             "config": asdict(self.config),
+            "world_size": self.ctx.world_size,
+            "metrics": self.metrics,
+            "metrics_epoch": self.metrics_epoch,
+            "wall_seconds": self.wall_seconds,
+            "train_images": self.train_images,
+            "train_seconds": self.train_seconds,
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
 
     def load_checkpoint(self) -> bool:
-        """Restores the last checkpoint if there is one; returns whether it did."""
-        if not self.checkpoint_path.exists():
+        """Restores the last checkpoint if there is one; returns whether it did.
+
+        Raises :class:`CheckpointError` when it does not fit: other trainable tensors than the
+        model's, or settings that change the trajectory (see ``RESUME_FREE_FIELDS``).
+        """
+        path = self.checkpoint_path
+        if not path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        missing = self.model.load_state_dict(state["model"], strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"{self.checkpoint_path}: does not fit this model (unexpected {missing.unexpected_keys[:5]})")
+        # On the CPU: load_state_dict moves weights and optimizer state to their parameters'
+        # device, and the RNG setters need CPU byte tensors.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        differences = _config_differences(state["config"], self.config)
+        saved_world = state.get("world_size", self.ctx.world_size)
+        if saved_world != self.ctx.world_size:
+            differences.append(f"processes {saved_world} -> {self.ctx.world_size}")
+        if differences:
+            raise CheckpointError(f"{path} was written with other training settings ({'; '.join(differences)}): "
+                                  "resume with the checkpoint's settings, or start a new run in another folder")
+        expected, saved = set(trainable_state_dict(self.model)), set(state["model"])
+        if expected != saved:
+            missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+            raise CheckpointError(f"{path} does not fit this model: missing {len(missing)} tensors {missing[:5]}, "
+                                  f"unexpected {len(unexpected)} {unexpected[:5]}; was it written for another "
+                                  "variant or backbone?")
+        try:
+            self.model.load_state_dict(state["model"], strict=False)  # strict=False: frozen weights are not saved
+        except RuntimeError as exc:  # shape mismatches
+            raise CheckpointError(f"{path} does not fit this model: {str(exc).strip().splitlines()[-1].strip()}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = state["epoch"], state["step"]
-        _set_rng_state({**state["rng"], "torch": state["rng"]["torch"].cpu()})
+        self.metrics, self.metrics_epoch = state.get("metrics", {}), state.get("metrics_epoch")
+        self.wall_seconds = state.get("wall_seconds", 0.0)
+        self.train_images, self.train_seconds = state.get("train_images", 0), state.get("train_seconds", 0.0)
+        _set_rng_state(state["rng"])
         return True
 
     def sync_buffers(self) -> None:
@@ -320,27 +418,58 @@ class Trainer:
                 dist.broadcast(buffer, src=0)
 
     # ------------------------------------------------------------------- logging
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / LOG_NAME
+
     def log(self, record: dict[str, Any]) -> None:
         if self.ctx.is_main:
-            with open(self.out_dir / LOG_NAME, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with open(self.log_path, "a") as handle:
+                handle.write(json_line(record) + "\n")
+
+    def _restart_log(self) -> None:
+        """Atomically cuts the log back to the records up to the current step and epoch (none
+        for a fresh run): a resumed run redoes, and logs again, what came after its checkpoint."""
+        if not self.ctx.is_main:
+            return
+        kept = []
+        if self.step and self.log_path.exists():
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the kill
+                if record.get("step", 0) <= self.step and record.get("epoch", 0) <= self.epoch:
+                    kept.append(json_line(record) + "\n")
+        atomic_write_bytes(self.log_path, "".join(kept).encode())
 
     # ---------------------------------------------------------------------- loop
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Runs the remaining epochs; returns the last evaluation (empty without ``val_set``)."""
-        if resume and self.load_checkpoint():
+    def fit(self, resume: bool = False, until_epoch: int | None = None) -> dict[str, Any]:
+        """Runs the remaining epochs, up to ``until_epoch`` (default: all); returns the last
+        evaluation (empty without ``val_set``). A finished run that is resumed trains nothing
+        and returns its final metrics, evaluating again if the checkpoint lacks them."""
+        config = self.config
+        until = config.epochs if until_epoch is None else until_epoch
+        if not (isinstance(until, int) and 1 <= until <= config.epochs):
+            raise ValueError(f"until_epoch must be in 1..{config.epochs}, got {until_epoch!r}")
+        resumed = resume and self.load_checkpoint()
+        self._restart_log()
+        if resumed:
             self.log({"event": "resume", "epoch": self.epoch, "step": self.step})
-        config, metrics = self.config, {}
-        for epoch in range(self.epoch, config.epochs):
+        start, before = time.perf_counter(), self.wall_seconds
+        for epoch in range(self.epoch, until):
             self.train_epoch(epoch)
             self.epoch = epoch + 1
             last = self.epoch == config.epochs
             if self.val_set is not None and (last or (config.eval_every and self.epoch % config.eval_every == 0)):
-                metrics = self.evaluate()
-                self.log({"event": "eval", "epoch": self.epoch, **_scalars(metrics)})
+                self._evaluate_and_log()
             self.sync_buffers()
+            self.wall_seconds = before + time.perf_counter() - start
             self.save_checkpoint()
-        return metrics
+        if self.val_set is not None and self.epoch == config.epochs and self.metrics_epoch != self.epoch:
+            self._evaluate_and_log()  # a finished run whose checkpoint holds no final metrics
+        self.wall_seconds = before + time.perf_counter() - start
+        return self.metrics
 
     def evaluate(self) -> dict[str, Any]:
         self.sync_buffers()
@@ -348,42 +477,75 @@ class Trainer:
         return evaluate(self.model, self.val_set, self.num_classes, self.device, self.ctx,
                         config.eval_window, config.eval_stride, config.amp, config.progress)
 
+    def _evaluate_and_log(self) -> None:
+        self.metrics, self.metrics_epoch = self.evaluate(), self.epoch
+        self.log({"event": "eval", "epoch": self.epoch, "step": self.step, **_scalars(self.metrics)})
+
+    def _grad_sync(self, final_micro_batch: bool):
+        """DDP all-reduces gradients on the last micro-batch of an accumulation step only."""
+        if self.ddp is None or final_micro_batch:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.ctx.world_size > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.ctx.world_size
+        return float(value)
+
     def train_epoch(self, epoch: int) -> None:
         config = self.config
         self.model.train()
         self.sampler.set_epoch(epoch)
         autocast = _autocast(self.device, config.amp)
-        params = [group["params"] for group in self.optimizer.param_groups]
-        start, seen, running = time.perf_counter(), 0, 0.0
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        start, seen = time.perf_counter(), 0
+        running = torch.zeros((), device=self.device)  # this rank's loss of the current step
         batches = _progress(self.loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.ctx.is_main)
         for index, batch in enumerate(batches):
             if index >= self.steps_per_epoch * config.grad_accum:
                 break
+            final = (index + 1) % config.grad_accum == 0
             rgb = batch["rgb"].to(self.device, non_blocking=True)
             aux = batch["aux"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
-            with autocast:
-                logits = self.forward(rgb, aux)
-            loss = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX) / config.grad_accum
-            loss.backward()
-            running += float(loss.detach())
+            with self._grad_sync(final):
+                with autocast:
+                    logits = self.forward(rgb, aux)
+                loss = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX) / config.grad_accum
+                loss.backward()
+            running += loss.detach()
             seen += rgb.shape[0] * self.ctx.world_size
-            if (index + 1) % config.grad_accum:
+            if not final:
                 continue
             if config.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for group in params for p in group], config.clip_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
             if self.step % config.log_every == 0 or self.step % self.steps_per_epoch == 0:
+                loss_value = self._mean_over_ranks(running)  # every rank takes part
                 elapsed = time.perf_counter() - start
-                self.log({"event": "train", "epoch": epoch + 1, "step": self.step, "loss": running,
+                self.log({"event": "train", "epoch": epoch + 1, "step": self.step, "loss": loss_value,
                           "lr": lr, "images_per_s": seen / max(elapsed, 1e-9)})
-            running = 0.0
+            running = torch.zeros((), device=self.device)
         self.train_images += seen
         self.train_seconds += time.perf_counter() - start
+
+
+def _config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """``"name old -> new"`` for every trajectory setting that differs (absent = default)."""
+    differences = []
+    for spec in fields(TrainConfig):
+        if spec.name in RESUME_FREE_FIELDS:
+            continue
+        old, new = saved.get(spec.name, spec.default), getattr(current, spec.name)
+        if old != new:
+            differences.append(f"{spec.name} {old!r} -> {new!r}")
+    return differences
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:

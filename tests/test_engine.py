@@ -1,25 +1,42 @@
-"""Training engine: schedule, state, sliding windows, exact resume."""
+"""Training engine: schedule, state, sliding windows, exact and checked resume, DDP details."""
 
 import json
+import math
+import os
+import socket
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gopt_adapter import apply_gopt
 from gopt_adapter.datasets import get_dataset
 from gopt_adapter.engine import (
     CHECKPOINT_NAME,
     LOG_NAME,
+    CheckpointError,
     Dist,
     TrainConfig,
     Trainer,
     evaluate,
+    json_line,
+    json_safe,
     poly_lr_factor,
     sliding_window_logits,
     trainable_state_dict,
+    window_starts,
 )
 from gopt_adapter.transforms import build_transforms, default_train_config
 from conftest import make_backbone, perturb_adapter
+
+
+def no_nan(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
+
+
+def read_log(path):
+    return [json.loads(line, parse_constant=no_nan) for line in path.read_text().splitlines()]
 
 
 def test_poly_schedule_with_warmup():
@@ -31,10 +48,16 @@ def test_poly_schedule_with_warmup():
     assert poly_lr_factor(100, 100, 10, 1.0) == 0.0
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(lr=-1.0), dict(batch_size=6, grad_accum=4),
-                                 dict(clip_grad_norm=0.0), dict(eval_stride=8)])
-def test_train_config_validation(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=0), "epochs"), (dict(lr=-1.0), "lr"), (dict(batch_size=6, grad_accum=4), "grad_accum"),
+    (dict(clip_grad_norm=0.0), "clip_grad_norm"), (dict(eval_stride=8), "eval_stride (8) needs eval_window"),
+    (dict(eval_window=0), "eval_window must be a positive integer, got 0"),
+    (dict(eval_window=16, eval_stride=0), "got eval_stride 0 with eval_window 16"),
+    (dict(eval_window=16, eval_stride=17), "got eval_stride 17 with eval_window 16"),
+    (dict(eval_window=16, eval_stride=-4), "got eval_stride -4 with eval_window 16"),
+])
+def test_train_config_validation(bad, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**bad)
 
 
@@ -56,12 +79,37 @@ class PixelModel(torch.nn.Module):
         return self.conv(torch.cat([rgb, aux], 1))
 
 
-def test_sliding_window_equals_full_image_for_a_per_pixel_model():
+@pytest.mark.parametrize("height, width", [(37, 53), (16, 70), (64, 48), (5, 5)])
+@pytest.mark.parametrize("window, stride", [(16, 16), (16, 8), (16, 1), (40, 40), (20, 7), (16, None), (9, 9)])
+def test_sliding_window_equals_full_image_for_a_per_pixel_model(height, width, window, stride):
     model = PixelModel()
-    rgb, aux = torch.randn(1, 3, 37, 53), torch.randn(1, 1, 37, 53)
-    full = model(rgb, aux)
-    for window, stride in [(16, 16), (16, 8), (40, 40), (20, 7)]:
-        torch.testing.assert_close(sliding_window_logits(model, rgb, aux, 3, window, stride), full)
+    rgb, aux = torch.randn(2, 3, height, width), torch.randn(2, 1, height, width)
+    with torch.no_grad():
+        full = model(rgb, aux)
+        windowed = sliding_window_logits(model, rgb, aux, 3, window, stride)
+    assert not windowed.isnan().any()
+    torch.testing.assert_close(windowed, full)
+
+
+@pytest.mark.parametrize("window, stride", [(16, 17), (16, 0), (16, -1), (0, None)])
+def test_sliding_window_refuses_uncovering_strides(window, stride):
+    rgb, aux = torch.randn(1, 3, 40, 40), torch.randn(1, 1, 40, 40)
+    with pytest.raises(ValueError, match="window"):
+        sliding_window_logits(PixelModel(), rgb, aux, 3, window, stride)
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 300), window=st.integers(1, 64), data=st.data())
+def test_windows_cover_every_pixel_and_end_at_the_border(size, window, data):
+    stride = data.draw(st.integers(1, window))
+    starts = window_starts(size, window, stride)
+    covered = torch.zeros(size, dtype=torch.bool)
+    for start in starts:
+        covered[start:start + window] = True
+    assert covered.all()
+    assert starts[0] == 0 and min(starts[-1] + window, size) == size
+    assert all(0 <= s and (s + window <= size or size <= window) for s in starts)
+    assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))
 
 
 def synthetic_sets(length=32):
@@ -73,39 +121,216 @@ def synthetic_sets(length=32):
     return train, val
 
 
-def make_trainer(out, epochs):
+def make_trainer(out, epochs=3, extra_classes=0, **overrides):
+    """A tiny GoPT trainer; ``extra_classes`` evaluates classes the model never predicts (NaN IoU)."""
     train, val = synthetic_sets()
     model = apply_gopt(make_backbone("vit", depth=2), aux_channels=train.aux_channels,
                        num_classes=len(train.class_names), hidden_dim=8, head_channels=16)
-    config = TrainConfig(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1, progress=False,
-                         clip_grad_norm=1.0, grad_accum=2)
-    return Trainer(model, train, len(train.class_names), config, out, val_set=val, device="cpu", ctx=Dist())
+    config = TrainConfig(**{**dict(epochs=epochs, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1, progress=False,
+                                   clip_grad_norm=1.0, grad_accum=2), **overrides})
+    return Trainer(model, train, len(train.class_names) + extra_classes, config, out, val_set=val, device="cpu",
+                   ctx=Dist())
+
+
+def test_evaluation_leaves_the_training_rngs_alone():
+    model = PixelModel()
+    _, val = synthetic_sets()
+    before = torch.get_rng_state()
+    evaluate(model, val, 3)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_training_logs_checkpoints_and_learns(tmp_path):
-    trainer = make_trainer(tmp_path, epochs=3)
+    trainer = make_trainer(tmp_path, extra_classes=1)
     metrics = trainer.fit()
-    records = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    records = read_log(tmp_path / LOG_NAME)  # standard JSON: the never-seen class is null, not NaN
     steps = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, 3 * trainer.steps_per_epoch + 1))
     assert all(r["lr"] > 0 and r["images_per_s"] > 0 for r in steps)
     assert [r["epoch"] for r in records if r["event"] == "eval"] == [1, 2, 3]
     assert (tmp_path / CHECKPOINT_NAME).exists()
-    assert 0 <= metrics["miou"] <= 1
+    assert 0 <= metrics["miou"] <= 1 and math.isnan(metrics["iou"][-1])  # in memory: still NaN
     first, last = (sum(r["loss"] for r in steps if r["epoch"] == e) for e in (1, 3))
     assert last < first
 
 
+def test_json_safe_writes_null_for_non_finite_values():
+    record = {"iou": [0.5, float("nan")], "kappa": float("inf"), "pair": (1, float("-inf")), "n": 3}
+    assert json_safe(record) == {"iou": [0.5, None], "kappa": None, "pair": [1, None], "n": 3}
+    assert json.loads(json_line(record), parse_constant=no_nan)["iou"] == [0.5, None]
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    straight = make_trainer(tmp_path / "a", epochs=3)
+    straight = make_trainer(tmp_path / "a")
     straight.fit()
-    first = make_trainer(tmp_path / "b", epochs=3)
-    first.config = TrainConfig(**{**first.config.__dict__, "epochs": 1})  # stop after one epoch
-    first.fit()
-    resumed = make_trainer(tmp_path / "b", epochs=3)
+    make_trainer(tmp_path / "b").fit(until_epoch=1)  # as if killed after the first epoch
+    resumed = make_trainer(tmp_path / "b")
     perturb_adapter(resumed.model)  # the checkpoint must overwrite every adapter tensor
     resumed.fit(resume=True)
     assert resumed.step == straight.step
     a, b = straight.model.adapter.state_dict(), resumed.model.adapter.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    assert resumed.metrics == straight.metrics
+    assert resumed.train_images == straight.train_images  # throughput over both sessions
+
+
+def test_resuming_a_finished_run_reports_its_metrics_and_cumulative_times(tmp_path):
+    first = make_trainer(tmp_path, epochs=2, extra_classes=1)
+    metrics = first.fit()
+    again = make_trainer(tmp_path, epochs=2, extra_classes=1)
+    assert json.dumps(again.fit(resume=True)) == json.dumps(metrics)  # NaN-aware equality
+    assert again.train_images == first.train_images > 0
+    assert again.train_seconds == first.train_seconds > 0
+    saved_wall = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["wall_seconds"]
+    assert 0 < saved_wall <= again.wall_seconds == pytest.approx(first.wall_seconds, abs=0.5)  # not restarted at 0
+
+    # a checkpoint without final metrics (written before this version): evaluated again
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    del state["metrics"], state["metrics_epoch"]
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    third = make_trainer(tmp_path, epochs=2, extra_classes=1)
+    assert json.dumps(third.fit(resume=True)) == json.dumps(metrics)
+    assert read_log(tmp_path / LOG_NAME)[-1]["event"] == "eval"
+
+
+def test_checkpoint_rng_states_are_cpu_bytes_and_restore_from_the_cpu(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, epochs=1)
+    fake_cuda = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = {}
+
+    def set_rng_state(state, device):
+        assert state.device.type == "cpu" and state.dtype == torch.uint8  # what torch.cuda needs
+        restored[device] = state.clone()
+
+    torch.rand(5)  # away from the seeded state the next Trainer starts from
+    with monkeypatch.context() as patch:  # a machine with 2 GPUs, seen through the RNG API only
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "device_count", lambda: 2)
+        patch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in fake_cuda])
+        patch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+        trainer.save_checkpoint()
+        rng = torch.load(tmp_path / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["rng"]
+        for state in [rng["torch"], *rng["cuda"]]:
+            assert state.device.type == "cpu" and state.dtype == torch.uint8
+        expected_cpu = torch.get_rng_state()
+        torch.rand(10)  # move on, so that restoring is visible
+        assert make_trainer(tmp_path, epochs=1).load_checkpoint()
+    assert torch.equal(torch.get_rng_state(), expected_cpu)
+    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], fake_cuda[i]) for i in (0, 1))
+
+
+@pytest.mark.parametrize("change, named", [(dict(lr=2e-2), "lr 0.01 -> 0.02"), (dict(epochs=4), "epochs 3 -> 4"),
+                                           (dict(grad_accum=4), "grad_accum 2 -> 4"), (dict(seed=1), "seed 0 -> 1"),
+                                           (dict(num_workers=1), "num_workers 0 -> 1")])
+def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, change, named):
+    make_trainer(tmp_path).fit(until_epoch=1)
+    with pytest.raises(CheckpointError, match=named):
+        make_trainer(tmp_path, **change).fit(resume=True)
+
+
+def test_resume_accepts_settings_that_only_change_logging_and_evaluation(tmp_path):
+    make_trainer(tmp_path, epochs=2).fit(until_epoch=1)
+    trainer = make_trainer(tmp_path, epochs=2, log_every=5, eval_every=0, eval_window=16, eval_stride=8)
+    trainer.fit(resume=True)
+    assert trainer.epoch == 2
+
+
+@pytest.mark.parametrize("edit, message", [("drop", "missing 1 tensors"), ("add", "unexpected 1"),
+                                           ("reshape", "does not fit this model")])
+def test_resume_loads_the_model_strictly(tmp_path, edit, message):
+    make_trainer(tmp_path).fit(until_epoch=1)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    name = next(iter(state["model"]))
+    if edit == "drop":
+        del state["model"][name]
+    elif edit == "add":
+        state["model"]["adapters.default.stray"] = torch.zeros(3)
+    else:
+        state["model"][name] = torch.zeros(*state["model"][name].shape, 2)
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match=message):
+        make_trainer(tmp_path).fit(resume=True)
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
+    straight = make_trainer(tmp_path / "a")
+    straight.fit()
+    first = make_trainer(tmp_path / "b")
+    first.fit(until_epoch=1)
+    log = tmp_path / "b" / LOG_NAME
+    with open(log, "a") as handle:  # the killed second epoch's lines, the last cut short
+        handle.write(json.dumps({"event": "train", "epoch": 2, "step": first.step + 1, "loss": 1.0}) + "\n")
+        handle.write('{"event": "train", "epo')
+    make_trainer(tmp_path / "b").fit(resume=True)
+    records = read_log(log)
+    steps = [r["step"] for r in records if r["event"] == "train"]
+    assert steps == list(range(1, straight.step + 1))
+    assert [r["event"] for r in records].count("resume") == 1
+    plain = [{k: v for k, v in r.items() if k != "images_per_s"} for r in records if r["event"] != "resume"]
+    expected = [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_log(tmp_path / "a" / LOG_NAME)]
+    assert plain == expected  # same losses, lrs and metrics as the uninterrupted run
+
+
+# ------------------------------------------------------------------ DDP (2 gloo processes)
+class RankData(torch.utils.data.Dataset):
+    """Each rank sees its own constant image: confidently right on rank 0, wrong on rank 1."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        sign = 1.0 if torch.distributed.get_rank() == 0 else -1.0
+        return {"rgb": torch.full((3, 4, 4), sign), "aux": torch.zeros(1, 4, 4),
+                "label": torch.zeros(4, 4, dtype=torch.long)}
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits ``(5 m, -5 m) + bias`` with ``m`` the mean RGB value; only the bias trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(2, 1, 1))
+
+    def forward(self, rgb, aux):
+        m = rgb.mean(1, keepdim=True)
+        return torch.cat([5 * m, -5 * m], 1) + self.bias
+
+
+def _ddp_worker(rank, port, out, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        config = TrainConfig(epochs=1, batch_size=8, grad_accum=2, lr=1e-9, log_every=1, progress=False, amp=False)
+        trainer = Trainer(FixedLogits(), RankData(), 2, config, out, device="cpu", ctx=Dist(rank, 2, rank))
+        calls = []
+
+        def counting_allreduce(state, bucket):
+            calls.append(1)
+            tensor = bucket.buffer().div_(2)
+            return torch.distributed.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        trainer.ddp.register_comm_hook(None, counting_allreduce)
+        trainer.fit()
+        queue.put((rank, len(calls), trainer.step))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_accumulates_without_sync_and_logs_the_loss_averaged_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path), queue), nprocs=2, start_method="spawn")
+    results = sorted(queue.get() for _ in range(2))
+    steps = results[0][2]
+    assert steps == 2  # 8 samples per rank, micro-batches of 2, 2 per step
+    assert [calls for _, calls, _ in results] == [steps, steps]  # one all-reduce per step, not per micro-batch
+    losses = [r["loss"] for r in read_log(tmp_path / LOG_NAME) if r["event"] == "train"]
+    right, wrong = math.log1p(math.exp(-10)), 10 + math.log1p(math.exp(-10))  # rank 0's and rank 1's loss
+    assert len(losses) == steps and losses == pytest.approx([(right + wrong) / 2] * steps, rel=1e-5)

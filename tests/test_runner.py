@@ -20,6 +20,14 @@ SMALL = ["--dataset", "synthetic", "--device", "cpu", "--set", "train.progress=f
          "--set", "dataset_options.length=48", "--set", "val_options.length=8", "--set", "train.batch_size=8"]
 
 
+def no_nan(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text(), parse_constant=no_nan)
+
+
 def cli(*args, env=None, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "benchmarks.run", *args], cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
@@ -35,12 +43,27 @@ def cli(*args, env=None, **kwargs):
         (["--dataset", "synthetic", "--weights", "/nonexistent/w.pth"], "weights file /nonexistent/w.pth not found"),
         (["--dataset", "synthetic", "--set", "train.epochs=0"], "epochs must be a positive integer"),
         (["--dataset", "synthetic", "--set", "trian.epochs=1"], "unknown settings ['trian']"),
+        (["--dataset", "synthetic", "--set", "transforms.crop=64"], "unexpected keyword argument 'crop'"),
+        (["--dataset", "synthetic", "--set", "transforms.crop_size=64"], "invalid transforms settings"),
+        (["--dataset", "synthetic", "--set", "transforms.normalize=[0.5]"], "normalize must be an object"),
+        (["--dataset", "synthetic", "--set", 'transforms.normalize={"aux_mean": [0.1, 0.2]}'],
+         "aux has 1 channels but aux_mean/aux_std have 2/1 values"),
+        (["--dataset", "synthetic", "--set", "train=5"], "setting train must be a JSON object"),
+        (["--dataset", "synthetic", "--set", "train.epochs.x=1"], "'epochs' is 4, not a group of settings"),
+        (["--dataset", "synthetic", "--set", "out=5"], "setting out must be a string"),
+        (["--dataset", "synthetic", "--set", "dataset=nyudv2"], "choose the dataset with --dataset"),
+        (["--dataset", "synthetic", "--set", "train.eval_window=16", "--set", "train.eval_stride=32"],
+         "got eval_stride 32 with eval_window 16"),
+        (["--dataset", "synthetic", "--set", "train.batch_size=1024"], "fewer than one batch of 1024"),
+        (["--dataset", "synthetic", "--device", "tpu:x"], "unknown device 'tpu:x'"),
     ],
 )
 def test_bad_input_fails_before_any_work(args, message, tmp_path, capsys):
     out = tmp_path / "run"
     assert runner.main([*args, "--out", str(out)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    assert message in err
     assert not out.exists()
 
 
@@ -51,12 +74,20 @@ def test_weights_that_do_not_fit_the_backbone(tmp_path, capsys):
     assert "do not fit backbone" in capsys.readouterr().err
 
 
-def test_short_run_writes_results_and_adapter(tmp_path):
+def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
+    from gopt_adapter import engine
+
+    real_evaluate = engine.evaluate  # evaluate one class more than the model predicts: its IoU is NaN
+    monkeypatch.setattr(engine, "evaluate", lambda model, data, k, *a, **kw: real_evaluate(model, data, k + 1, *a, **kw))
     out = tmp_path / "run"
     assert runner.main([*SMALL, "--variant", "gopt_shallow", "--set", "train.epochs=1", "--out", str(out)]) == 0
-    record = json.loads((out / "results.json").read_text())
+    record = read_json(out / "results.json")  # standard JSON: NaN is written as null
+    assert record["metrics"]["iou"][-1] is None and record["metrics"]["acc"][-1] is None
     assert record["config"]["variant"] == "gopt_shallow" and record["world_size"] == 1
-    assert 0 <= record["metrics"]["miou"] <= 1 and record["train_images_per_s"] > 0
+    assert 0 <= record["metrics"]["miou"] <= 1 and record["train_images_per_s"] > 0 and record["wall_time_s"] > 0
+    assert record["epochs_completed"] == 1
+    assert all(isinstance(r, dict) for r in map(lambda l: json.loads(l, parse_constant=no_nan),
+                                                (out / "log.jsonl").read_text().splitlines()))
     assert record["trainable_parameters"] == sum(t.numel() for n, t in read_adapter_file(out / "adapter.safetensors")
                                                  .tensors.items() if "running" not in n and "num_batches" not in n)
 
@@ -97,18 +128,50 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(tmp_path)
     a = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
     b = load_file(str(crashed_dir / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(r.get("event") == "resume" and r["epoch"] == 1
-               for r in map(json.loads, log.read_text().splitlines()))
+    records = [json.loads(line, parse_constant=no_nan) for line in log.read_text().splitlines()]
+    assert [r["event"] for r in records].count("resume") == 1
+    assert any(r["event"] == "resume" and r["epoch"] == 1 for r in records)
+    # the killed epoch's lines are gone: every step once, in order, as in the uninterrupted log
+    steps = [r["step"] for r in records if r["event"] == "train"]
+    assert steps == [r["step"] for r in train_records(tmp_path / "straight" / "log.jsonl")] == list(range(1, len(steps) + 1))
+    assert [r["epoch"] for r in records if r["event"] == "eval"] == [1, 2, 3]
+    finished = read_json(crashed_dir / "results.json")
+    assert finished["metrics"] == read_json(tmp_path / "straight" / "results.json")["metrics"]
+    assert finished["wall_time_s"] > 0 and finished["train_images_per_s"] > 0 and finished["epochs_completed"] == 3
+
+    # resuming the finished run trains nothing and reports the same metrics and cumulative times
+    assert runner.main([*args, "--out", str(crashed_dir), "--resume"]) == 0
+    again = read_json(crashed_dir / "results.json")
+    assert again["metrics"] == finished["metrics"]
+    assert again["train_images_per_s"] == finished["train_images_per_s"]
+    assert 0.9 * finished["wall_time_s"] <= again["wall_time_s"] <= finished["wall_time_s"] + 2.0  # not restarted
+    assert torch.load(crashed_dir / "checkpoint.pt", weights_only=True)["step"] == steps[-1]
+
+
+def test_resume_with_other_settings_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*SMALL, "--set", "train.epochs=1", "--set", "dataset_options.length=16", "--set", "val_options.length=2",
+            "--out", str(out)]
+    assert runner.main(args) == 0
+    capsys.readouterr()
+    assert runner.main([*args, "--resume", "--set", "train.lr=0.5", "--set", "train.seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "lr 0.001 -> 0.5" in err and "seed 0 -> 3" in err
+    assert runner.main([*args, "--resume", "--variant", "gopt_shallow"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    assert runner.main([*args, "--resume", "--set", "train.log_every=5"]) == 0  # logging only: accepted
 
 
 def test_ddp_with_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "benchmarks.run", *SMALL, "--set", "train.epochs=1", "--out", str(out)]
+               "-m", "benchmarks.run", *SMALL, "--set", "train.epochs=1", "--set", "train.grad_accum=2",
+               "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((out / "results.json").read_text())
+    record = read_json(out / "results.json")
     assert record["world_size"] == 2
     steps = train_records(out / "log.jsonl")
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))  # one writer, no duplicates
@@ -132,19 +195,102 @@ def test_ddp_with_two_gloo_processes(tmp_path):
     assert single["miou"] == pytest.approx(record["metrics"]["miou"], abs=1e-12)
 
 
+def write_result(folder, dataset, variant, metrics, backbone="vit_base_patch16_224.mae", class_names=None,
+                 params=937224):
+    from benchmarks import suite
+
+    folder.mkdir(parents=True)
+    names = list(class_names or suite.FULL_CLASSES.get(dataset, ("a", "b")))
+    record = {"config": {"dataset": dataset, "variant": variant, "backbone": backbone, "backbone_kwargs": {}},
+              "class_names": names, "trainable_parameters": params, "metrics": metrics}
+    (folder / "results.json").write_text(json.dumps(record))
+
+
+def table_section(text, title, backbone="vit_base_patch16_224.mae"):
+    start = text.index(f"### {title}: backbone {backbone}\n")
+    end = text.find("### ", start + 4)
+    return text[start:end if end >= 0 else None]
+
+
+def row(section, label):
+    return next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+
+
 def test_suite_puts_our_runs_beside_the_papers_numbers(tmp_path):
     from benchmarks import suite
 
     for seed, miou in ((0, 0.50), (1, 0.52)):
-        run_dir = tmp_path / f"nyu_gopt_{seed}"
-        run_dir.mkdir()
-        record = {"config": {"dataset": "nyudv2", "variant": "gopt"}, "trainable_parameters": 937224,
-                  "metrics": {"pixel_acc": 0.8, "mean_acc": 0.6, "miou": miou}}
-        (run_dir / "results.json").write_text(json.dumps(record))
+        write_result(tmp_path / f"nyu_gopt_{seed}", "nyudv2", "gopt", {"pixel_acc": 0.8, "mean_acc": 0.6, "miou": miou})
     text = suite.render(suite.collect(tmp_path))
-    table4 = text[text.index("Table 4"):]
-    gopt_row = next(line for line in table4.splitlines() if line.startswith("| GoPT |"))
-    assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in gopt_row
+    table4 = table_section(text, "Table 4: variants and ablations")
+    assert "| nyudv2 PAcc (40 classes) |" in table4
+    assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in row(table4, "GoPT")
+    assert "Fig. 6" not in text and "Fig. 7" not in text  # no such runs
+
+
+def test_suite_keeps_backbones_and_class_settings_apart(tmp_path):
+    from benchmarks import suite
+
+    full, no_bg = suite.WHU_OPT_SAR_CLASSES, [n for n in suite.WHU_OPT_SAR_CLASSES if n not in ("background", "others")]
+    write_result(tmp_path / "b_all", "whu_opt_sar", "gopt", {"oa": 0.70, "aa": 0.60, "kappa": 0.50}, class_names=full)
+    write_result(tmp_path / "b_six", "whu_opt_sar", "gopt", {"oa": 0.80, "aa": 0.70, "kappa": 0.60}, class_names=no_bg)
+    write_result(tmp_path / "large", "whu_opt_sar", "gopt", {"oa": 0.90, "aa": 0.80, "kappa": None},
+                 backbone="vit_large_patch16_224.mae", class_names=full, params=2_000_000)
+    runs = suite.collect(tmp_path)
+    assert len(runs) == 3  # nothing averaged across settings
+    text = suite.render(runs)
+    base = table_section(text, "Table 3: RGB-SAR (WHU-OPT-SAR)")
+    header = row(base, "method")
+    assert "whu_opt_sar OA (6 classes, without background, others)" in header
+    assert "whu_opt_sar OA (8 classes)" in header
+    gopt = row(base, "GoPT (B)")
+    assert "70.0 (72.9, -2.9)" in gopt and "80.0 (72.9, +7.1)" in gopt
+    large = table_section(text, "Table 3: RGB-SAR (WHU-OPT-SAR)", "vit_large_patch16_224.mae")
+    assert "the paper's are for ViT-B" in large
+    assert row(large, "GoPT (B)") == "| GoPT (B) | 2.00M | 90.0 | 80.0 | n/a |"  # null kappa, no paper gap
+
+
+def test_suite_adds_the_interval_and_assignment_figures_when_they_have_runs(tmp_path):
+    from benchmarks import suite
+
+    for variant, miou in (("gopt", 0.50), ("gopt_i2", 0.48), ("gopt_i12", 0.40), ("gopt_shallow", 0.42),
+                          ("gopt_soft", 0.47)):
+        write_result(tmp_path / variant, "nyudv2", variant, {"pixel_acc": 0.8, "mean_acc": 0.6, "miou": miou})
+    text = suite.render(suite.collect(tmp_path))
+    fig6 = table_section(text, "Fig. 6: a grouping prompter every N blocks")
+    assert "| method | params | nyudv2 PAcc (40 classes) | nyudv2 mAcc (40 classes) | nyudv2 mIoU (40 classes) |" in fig6
+    assert row(fig6, "every 1 block").endswith("| 50.0 |")  # gopt is gopt_i1
+    assert row(fig6, "every 2 blocks").endswith("| 48.0 |")
+    assert row(fig6, "every 4 blocks").endswith("| - |")
+    assert row(fig6, "every 12 blocks").endswith("| 41.0±1.4 |")  # gopt_i12 pooled with gopt_shallow
+    fig7 = table_section(text, "Fig. 7: hard vs soft group assignment")
+    assert row(fig7, "hard (gopt)").endswith("| 50.0 |") and row(fig7, "soft (gopt_soft)").endswith("| 47.0 |")
+
+
+def test_suite_names_a_file_that_is_not_a_run_record(tmp_path, capsys):
+    from benchmarks import suite
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text(json.dumps({"config": {"dataset": "nyudv2", "variant": "gopt"}}))
+    assert suite.main(["--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "x/results.json: not a benchmarks.run record" in err
+
+
+def test_vit_large_backbone_builds_through_the_runner():
+    """The ViT-L path of the docs (MAE ViT-L/16), cut to one block: no weights here."""
+    from gopt_adapter import count_parameters
+    from gopt_adapter.baselines import build_variant
+
+    config = runner.load_run_config(runner.parse_args(
+        ["--dataset", "synthetic", "--backbone", "vit_large_patch16_224.mae", "--set", 'backbone_kwargs={"depth": 1}']))
+    backbone = runner.build_backbone(config)
+    assert backbone.embed_dim == 1024 and len(backbone.blocks) == 1
+    model = build_variant("gopt", backbone, 1, 4)
+    rgb = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert model(rgb, torch.randn(1, 1, 32, 48)).shape == (1, 4, 32, 48)
+    assert 0 < count_parameters(model).trainable < 2_000_000
 
 
 TINY_BACKBONE = ["--backbone", "vit_base_patch16_224", "--set",
