@@ -7,7 +7,9 @@ Settings come from ``benchmarks/configs/<dataset>.json`` (the paper's: batch 64,
 AdamW, LR 4e-5, polynomial decay, MAE ViT-B) and are overridden by the flags. Launch with
 ``torchrun --nproc_per_node N -m benchmarks.run ...`` for DDP. Every input is checked before
 any training starts (a bad one ends in one ``error: ...`` line); ``--resume`` continues an
-interrupted run from its last checkpoint, or re-reports a finished one.
+interrupted run from its last checkpoint, or re-reports a finished one. GoPT variants leave
+their adapter file (``adapter.safetensors``, with the dataset's preprocessing for ``gopt
+predict``); baselines leave their trained tensors (``trained.safetensors``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 
 import timm
 import torch
+from safetensors.torch import save as save_safetensors
 
-from gopt_adapter import GoptSegmenter, count_parameters, save_adapter
+from gopt_adapter import GoptAdapter, count_parameters, save_adapter
 from gopt_adapter.adapter_io import atomic_write_bytes
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.datasets import DATASETS, get_dataset
@@ -36,10 +39,14 @@ from gopt_adapter.engine import (
     init_distributed,
     json_safe,
     seed_everything,
+    trainable_state_dict,
 )
+from gopt_adapter.preprocessing import dataset_preprocessing
 from gopt_adapter.transforms import NormalizeConfig, TrainTransformConfig, build_transforms, default_train_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ADAPTER_NAME = "adapter.safetensors"  # GoPT variants: the adapter file, with its preprocessing
+TRAINED_NAME = "trained.safetensors"  # baselines: their trainable tensors, by state-dict name
 _TEXT_SETTINGS = ("dataset", "variant", "backbone", "train_split", "val_split", "out")
 _OPTIONAL_TEXT_SETTINGS = ("root", "weights")
 _GROUP_SETTINGS = ("backbone_kwargs", "dataset_options", "val_options", "transforms", "variant_options", "train")
@@ -252,6 +259,10 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         model = build_variant(config.variant, backbone, train_set.aux_channels, num_classes, **config.variant_options)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"cannot build variant {config.variant}: {exc}") from None
+    preprocessing = dataset_preprocessing(val_set)  # how raw files became the inputs; gopt predict repeats it
+    is_gopt = type(model.adapter) is GoptAdapter  # baselines share the segmenter, not the adapter file format
+    if is_gopt:
+        model.adapter.preprocessing = preprocessing
     params = count_parameters(model)
     try:
         trainer = Trainer(model, train_set, num_classes, config.train, config.out, val_set=val_set, device=target,
@@ -274,11 +285,15 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         "hardware": hardware(target),
         "world_size": ctx.world_size,
         "class_names": list(train_set.class_names),
+        "preprocessing": preprocessing.to_dict(),
     })
     if ctx.is_main:
         out = Path(config.out)
-        if isinstance(model, GoptSegmenter):
-            save_adapter(model, out / "adapter.safetensors")
+        if is_gopt:
+            save_adapter(model, out / ADAPTER_NAME)
+        else:  # what a baseline trained (head, aux branch, and the backbone where it trains)
+            atomic_write_bytes(out / TRAINED_NAME, save_safetensors(
+                {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()}))
         atomic_write_bytes(out / "results.json", (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
     return record
 

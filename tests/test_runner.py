@@ -88,8 +88,22 @@ def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
     assert record["epochs_completed"] == 1
     assert all(isinstance(r, dict) for r in map(lambda l: json.loads(l, parse_constant=no_nan),
                                                 (out / "log.jsonl").read_text().splitlines()))
-    assert record["trainable_parameters"] == sum(t.numel() for n, t in read_adapter_file(out / "adapter.safetensors")
-                                                 .tensors.items() if "running" not in n and "num_batches" not in n)
+    adapter = read_adapter_file(out / "adapter.safetensors")
+    assert record["trainable_parameters"] == sum(t.numel() for n, t in adapter.tensors.items()
+                                                 if "running" not in n and "num_batches" not in n)
+    assert adapter.preprocessing is not None and adapter.preprocessing.to_dict() == record["preprocessing"]
+
+
+@pytest.mark.parametrize("variant", ["vpt_shallow", "fft"])
+def test_baseline_run_keeps_its_trained_tensors(tmp_path, variant):
+    """Baselines have no adapter file: their trainable tensors go to trained.safetensors."""
+    out = tmp_path / variant
+    assert runner.main([*SMALL, "--variant", variant, "--set", "train.epochs=1", "--out", str(out)]) == 0
+    record = read_json(out / "results.json")
+    trained = load_file(str(out / "trained.safetensors"))
+    assert not (out / "adapter.safetensors").exists()
+    assert record["trainable_parameters"] == sum(t.numel() for n, t in trained.items()
+                                                 if "running" not in n and "num_batches" not in n)
 
 
 def wait_for(predicate, process, timeout=120.0):
