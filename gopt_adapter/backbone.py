@@ -116,21 +116,21 @@ PROBE_ELEMENTS = 64
 def weights_version(module: nn.Module) -> tuple:
     """Cheap identity of a module's current weights, for revalidating a cached digest.
 
-    Per state tensor: storage, dtype, device, shape and in-place version, which change when a
-    tensor is replaced (``.half()``, ``.to()``) or modified in place through autograd
-    (``copy_``, an optimizer step); plus a SHA-256 of :data:`PROBE_ELEMENTS` evenly strided
-    elements of every tensor, which catches edits that bypass the version counter
+    Per parameter and buffer: storage, dtype, device, shape and in-place version, which change
+    when a tensor is replaced (``.half()``, ``.to()``) or modified in place through autograd
+    (``copy_``, an optimizer step); plus the values of about :data:`PROBE_ELEMENTS` evenly
+    strided elements of every tensor, which catch edits that bypass the version counter
     (``p.data.mul_(2)``, ``load_state_dict`` into ``.data``) as long as they touch a sampled
-    element. Reads ~64 elements per tensor, not the weights.
+    element. About 1 ms for ViT-B: it reads a few thousand numbers, not the weights.
     """
-    tensors = list(module.state_dict().values())
-    probe = hashlib.sha256()
+    tensors = [t.detach() for t in (*module.parameters(), *module.buffers())]
+    layout = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+    samples: dict[tuple, list[torch.Tensor]] = {}
     for tensor in tensors:
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // PROBE_ELEMENTS)
-        probe.update(tensor_bytes(flat[::step][:PROBE_ELEMENTS]))
-    layout = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
-    return layout, probe.hexdigest()
+        flat = tensor.reshape(-1)
+        samples.setdefault((tensor.dtype, tensor.device), []).append(flat[:: max(1, flat.numel() // PROBE_ELEMENTS)])
+    probe = tuple(bytes(tensor_bytes(torch.cat(group))) for group in samples.values())  # one copy per dtype
+    return layout, probe
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
