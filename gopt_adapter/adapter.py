@@ -8,7 +8,6 @@ from torch import nn
 from .backbone import BackboneSpec
 from .config import GoptConfig
 from .heads import build_head
-from .inject import map_patch_tokens
 from .preprocessing import Preprocessing
 from .prompter import AuxPatchEmbed, GroupingPrompter, PromptState
 
@@ -78,15 +77,7 @@ class GoptAdapter(nn.Module):
         slot = self._slot.get(block_index)
         if slot is None:
             return x, state
-        prompter, carried = self.prompters[slot], []
-
-        def update(patches: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, S, D]
-            prompted, new_state = prompter(patches, state)
-            carried.append(new_state)
-            return prompted
-
-        x = map_patch_tokens(x, self.spec.num_prefix_tokens, update)  # prefix tokens stay untouched
-        return x, carried[0]
+        return self.prompters[slot](x, self.spec.num_prefix_tokens, state)
 
     def extra_repr(self) -> str:
         return f"blocks={list(self.block_indices)}"

@@ -41,7 +41,7 @@ from .backbone import BackboneSpec
 from .adapter import xavier_init_
 from .config import HEADS, check_positive_int
 from .heads import build_head
-from .inject import map_patch_tokens
+from .tokens import add_to_patch_tokens, rescale_patch_tokens
 from .model import DEFAULT_ADAPTER, GoptSegmenter, apply_gopt, check_unwrapped
 from .prompter import AuxPatchEmbed
 
@@ -159,7 +159,7 @@ class AdditiveAuxAdapter(BaselineAdapter):
     def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if block_index != 0:
             return x, aux
-        return map_patch_tokens(x, self.spec.num_prefix_tokens, lambda patches: patches + self.aux_embed(aux)), aux
+        return add_to_patch_tokens(x, self.spec.num_prefix_tokens, self.aux_embed(aux)), aux
 
 
 class VptAdapter(BaselineAdapter):
@@ -179,10 +179,8 @@ class VptAdapter(BaselineAdapter):
     def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if block_index >= len(self.embeds):  # embeds[l] sits before block l, l = 0 .. count - 1
             return x, aux
-        embed = self.embeds[block_index]
-        return map_patch_tokens(
-            x, self.spec.num_prefix_tokens, lambda patches: torch.addcmul(patches, patches, embed(aux))
-        ), aux  # x * (1 + E_l(aux)), [B, S, D]
+        delta = self.embeds[block_index](aux)  # E_l(aux), [B, S, D]
+        return rescale_patch_tokens(x, self.spec.num_prefix_tokens, delta), aux  # x * (1 + E_l(aux))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, deep={self.deep}"

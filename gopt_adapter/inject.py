@@ -9,7 +9,7 @@ the wrappers are transparent, so the wrapped model still computes the frozen RGB
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -66,20 +66,6 @@ class PromptedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"index={self.index}"
-
-
-def map_patch_tokens(x: torch.Tensor, num_prefix_tokens: int,
-                     update: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Applies ``update`` to the patch tokens ``[B, S, D]`` of a block input; prefix tokens pass.
-
-    Block inputs are ``[B, P + S, D]`` (prefix tokens first) or SAM's ``[B, h, w, D]`` maps.
-    """
-    if x.ndim == 4:  # SAM-style [B, h, w, D] token map, no prefix tokens
-        batch, height, width, dim = x.shape
-        return update(x.reshape(batch, height * width, dim)).reshape(batch, height, width, dim)
-    if not num_prefix_tokens:
-        return update(x)
-    return torch.cat([x[:, :num_prefix_tokens], update(x[:, num_prefix_tokens:])], dim=1)  # [B, P + S, D]
 
 
 def is_wrapped(model: nn.Module) -> bool:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import GoptConfig
 from .grouping import GroupingModule
+from .tokens import patch_rows, rescale_patch_tokens
 
 
 @dataclass
@@ -21,6 +25,18 @@ class PromptState:
 
     aux_tokens: torch.Tensor
     class_tokens: torch.Tensor
+
+
+def recomputed(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """``fn(*inputs)``, keeping only ``inputs`` for backward, where ``fn`` runs again.
+
+    For the prompter's width-``D`` steps (LayerNorm + down-projection, up-projection +
+    rescaling): their intermediates are ``[B, S, D]`` per block, as large as a block's own
+    activations, while recomputing them costs a few ``S x D x r`` products.
+    """
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
 
 
 class AuxPatchEmbed(nn.Module):
@@ -76,8 +92,12 @@ class AlignmentCrossModalPrompter(nn.Module):
         self.down = nn.Linear(embed_dim, dim)
         self.grouping = GroupingModule(dim, assignment, tau)
 
-    def forward(self, rgb_tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        query = self.down(self.norm(rgb_tokens))  # [B, S, D] -> [B, S, r]
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.down(self.norm(tokens))  # [B, P + S, D] -> [B, P + S, r]
+
+    def forward(self, tokens: torch.Tensor, num_prefix_tokens: int, prompts: torch.Tensor) -> torch.Tensor:
+        """Block input ``tokens`` and group prompts ``[B, C, r]`` -> one prompt per patch token ``[B, S, r]``."""
+        query = patch_rows(recomputed(self.project, tokens), num_prefix_tokens)  # [B, S, r]
         attended = F.scaled_dot_product_attention(query, prompts, prompts)  # eq. 12, 14, [B, S, r]
         return self.grouping.dispatch(attended, prompts)  # eq. 11, [B, S, r]
 
@@ -97,17 +117,22 @@ class GroupingPrompter(nn.Module):
         self.acp = AlignmentCrossModalPrompter(embed_dim, r, config.assignment, config.tau) if config.use_acp else None
         self.up = nn.Linear(r, embed_dim)
 
-    def forward(self, patch_tokens: torch.Tensor, state: PromptState) -> tuple[torch.Tensor, PromptState]:
-        """``[B, S, D]`` patch tokens -> prompted tokens of the same shape, and the carried state."""
+    def forward(self, tokens: torch.Tensor, num_prefix_tokens: int,
+                state: PromptState) -> tuple[torch.Tensor, PromptState]:
+        """A block input ``[B, P + S, D]`` (or SAM's ``[B, h, w, D]``) -> the same with its patch
+        tokens rescaled (prefix tokens untouched), and the state for the next prompter."""
         if self.cup is not None:
             aux_tokens, prompts, assign = self.cup(state.aux_tokens, state.class_tokens)
         else:
             aux_tokens = state.aux_tokens
             prompts = state.class_tokens + aux_tokens.mean(dim=1, keepdim=True)  # [B, C, r]
         if self.acp is not None:
-            token_prompts = self.acp(patch_tokens, prompts)  # [B, S, r]
+            token_prompts = self.acp(tokens, num_prefix_tokens, prompts)  # [B, S, r]
         else:
             token_prompts = assign @ prompts  # [B, S, C] @ [B, C, r] -> [B, S, r]
-        delta = self.up(token_prompts)  # [B, S, D], zero at initialisation
-        prompted = torch.addcmul(patch_tokens, patch_tokens, delta)  # eq. 3: x * (1 + delta)
+        prompted = recomputed(self.inject, tokens, token_prompts, num_prefix_tokens)
         return prompted, PromptState(aux_tokens, prompts)  # eq. 15: c_m <- P_m
+
+    def inject(self, tokens: torch.Tensor, token_prompts: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        """Eq. 3: patch tokens times ``1 + Up(t)`` (``Up`` starts at zero: identity at init)."""
+        return rescale_patch_tokens(tokens, num_prefix_tokens, self.up(token_prompts))  # [B, S, r] -> [B, S, D]
