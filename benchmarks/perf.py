@@ -11,10 +11,17 @@ training memory as ratios to full fine-tuning (batch 2 on CPU), and the adapter 
 resident adapters). Timings are medians of interleaved repeats after warm-up.
 
 Training memory on CPU is counted, not sampled: bytes of the tensors autograd saves for
-backward (unique storages) plus gradients and AdamW state of the trainable parameters, i.e.
-what a training step needs on top of the model's weights. On CUDA (``--device cuda``, bf16
-autocast) it is ``torch.cuda.max_memory_allocated`` of the step instead, and images/s is
-reported as well.
+backward (unique storages, the model's own weights and buffers left out: they are resident
+whatever trains) plus gradients and AdamW state of the trainable parameters, i.e. what a
+training step needs on top of the model's weights. On CUDA (``--device cuda``, bf16
+autocast) it is ``torch.cuda.max_memory_allocated`` of the step above the resident model
+instead, and images/s is reported as well.
+
+``vpt_shallow`` is in the table as the floor of every method that trains something before
+block 0 of a frozen backbone: backward must still run through all the frozen blocks.
+
+``--doc docs/performance.md`` writes the table into that file, between markers named after
+the model, size and device, leaving the rest of the file as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,10 +43,11 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
 from gopt_adapter import GoptSegmenter, count_parameters, load_adapter, save_adapter
+from gopt_adapter.adapter_io import atomic_write_bytes
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.engine import trainable_state_dict
 
-VARIANTS = ("gopt", "gopt_shallow", "vpt_deep", "lora", "fft")
+VARIANTS = ("gopt", "gopt_shallow", "vpt_shallow", "vpt_deep", "lora", "fft")
 
 
 @dataclass
@@ -63,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--swap-repeats", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {VARIANTS}")
+    parser.add_argument("--doc", help="also write the table into this Markdown file (e.g. docs/performance.md)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.size = "vit_tiny_patch16_224", (224, 224)
@@ -80,11 +90,13 @@ def median_time(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def counted_training_memory(model: torch.nn.Module, rgb, aux, target) -> int:
+    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in resident:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -155,7 +167,11 @@ def main(argv=None) -> None:
             row.memory_bytes = counted_training_memory(row.model.train(), rgb, aux, target)
 
     swap = measure_swaps(rows, args.swap_repeats, rgb1, aux1)
-    report(args, device, batch, rows, frozen_forward, swap)
+    text = report(args, device, batch, rows, frozen_forward, swap)
+    print(text)
+    if args.doc:
+        command = "python -m benchmarks.perf " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_section(Path(args.doc), f"{args.model}:{args.size[0]}x{args.size[1]}:{device.type}", command.strip(), text)
 
 
 def measure_swaps(rows: list[Row], repeats: int, rgb1, aux1) -> dict[str, float]:
@@ -176,18 +192,22 @@ def measure_swaps(rows: list[Row], repeats: int, rgb1, aux1) -> dict[str, float]
     return {"load_adapter_ms": 1e3 * statistics.median(load_times), "set_adapter_ms": 1e3 * statistics.median(set_times)}
 
 
-def report(args, device, batch, rows: list[Row], frozen_forward: list[float], swap: dict[str, float]) -> None:
+def report(args, device, batch, rows: list[Row], frozen_forward: list[float], swap: dict[str, float]) -> str:
+    """The measurements as Markdown: a header line naming the setting and machine, a table, swaps."""
     fft = next((row for row in rows if row.name == "fft"), None)
     lower = statistics.median(frozen_forward) if frozen_forward else None
-    print(f"`{args.model}`, {args.size[0]}x{args.size[1]}, {device.type}"
-          f"{' bf16' if device.type == 'cuda' else ' fp32'}, inference batch 1, training batch {batch}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"median of {args.repeats}\n")
+    lines = [
+        f"`{args.model}`, {args.size[0]}x{args.size[1]}, {device.type}"
+        f"{' bf16' if device.type == 'cuda' else ' fp32'}, inference batch 1, training batch {batch}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"median of {args.repeats}, measured {time.strftime('%Y-%m-%d')}",
+        "",
+    ]
     memory = "training memory (counted)" if device.type == "cpu" else "peak CUDA memory"
-    print(f"| variant | trainable params | adapter size | inference vs lower bound | train step vs FFT | {memory} vs FFT |")
-    print("|---|---|---|---|---|---|")
+    lines += [f"| variant | trainable params | adapter size | inference vs lower bound | train step vs FFT | {memory} vs FFT |",
+              "|---|---:|---:|---:|---:|---:|"]
     if lower is not None:
-        print(f"| lower bound (frozen backbone + head) | - | - | 1.00 ({lower:.3f} s) | - | - |")
+        lines.append(f"| lower bound (frozen backbone + head) | - | - | 1.00 ({lower:.3f} s) | - | - |")
     for row in rows:
         forward = statistics.median(row.forward_s)
         step = statistics.median(row.step_s)
@@ -197,11 +217,24 @@ def report(args, device, batch, rows: list[Row], frozen_forward: list[float], sw
             f"{row.memory_bytes / fft.memory_bytes:.3f}" if fft else f"{row.memory_bytes / 1e6:.0f} MB",
         ]
         extra = f" ({batch / step:.1f} img/s)" if device.type == "cuda" else ""
-        print(f"| {row.name} | {row.trainable:,} | {row.adapter_bytes / 1e6:.2f} MB | " + " | ".join(cells[:2]) +
-              extra + f" | {cells[2]} ({row.memory_bytes / 1e6:.0f} MB) |")
+        lines.append(f"| {row.name} | {row.trainable:,} | {row.adapter_bytes / 1e6:.2f} MB | " + " | ".join(cells[:2])
+                     + extra + f" | {cells[2]} ({row.memory_bytes / 1e6:.0f} MB) |")
     if swap:
-        print(f"\nswap, GoPT adapter: load_adapter {swap['load_adapter_ms']:.2f} ms, "
-              f"set_adapter {swap['set_adapter_ms']:.3f} ms (median of {args.swap_repeats})")
+        lines += ["", f"Swap, GoPT adapter: `load_adapter` {swap['load_adapter_ms']:.2f} ms, "
+                      f"`set_adapter` {swap['set_adapter_ms']:.3f} ms (median of {args.swap_repeats})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, key: str, command: str, body: str) -> None:
+    """Replaces (or appends) the section of ``doc`` between the markers named ``key``."""
+    begin, end = f"<!-- perf:{key} begin -->", f"<!-- perf:{key} end -->"
+    section = f"{begin}\n```\n{command}\n```\n\n{body}{end}"
+    text = doc.read_text() if doc.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_bytes(doc, text.encode())
 
 
 if __name__ == "__main__":
