@@ -20,9 +20,9 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
-from .adapter_io import load_adapter, save_adapter
+from .adapter_io import atomic_write_bytes, load_adapter, save_adapter
 from .baselines import build_variant
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
@@ -49,7 +49,8 @@ class DemoConfig:
     out: str = "runs/demo"
 
 
-def _datasets(config: DemoConfig):
+def synthetic_datasets(config: DemoConfig):
+    """The demo's training (with augmentation) and validation sets of the synthetic world."""
     crop = default_train_config("synthetic", crop_size=(config.size, config.size))
     common = dict(mode=config.mode, size=config.size, seed=config.seed)
     train = get_dataset("synthetic", split="train", length=config.train_length,
@@ -59,9 +60,38 @@ def _datasets(config: DemoConfig):
     return train, val
 
 
-def _class_miou(metrics: dict[str, Any], classes) -> float:
-    values = [metrics["iou"][c] for c in classes if not math.isnan(metrics["iou"][c])]
+def class_miou(metrics: dict[str, Any], classes) -> float:
+    """Mean IoU over ``classes`` (those present in prediction or target)."""
+    values = [metrics["iou"][c] for c in classes if metrics["iou"][c] is not None and not math.isnan(metrics["iou"][c])]
     return sum(values) / len(values) if values else float("nan")
+
+
+def build_foundation_backbone(config: DemoConfig, weights: str | Path | None = None) -> torch.nn.Module:
+    """The demo's small ViT: random (seeded by the caller) or holding ``weights`` (safetensors)."""
+    if weights is None:
+        return timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    return timm.create_model(config.backbone, pretrained=True, num_classes=0,
+                             pretrained_cfg_overlay=dict(file=str(weights)), **config.backbone_kwargs)
+
+
+def train_foundation(config: DemoConfig, weights: str | Path, progress: bool = True):
+    """Trains the RGB-only foundation ViT (SETR-naive head, full fine-tuning) on the synthetic
+    world and writes the ViT's weights to ``weights``, as a user's pretrained checkpoint.
+
+    Returns ``(vit, metrics, trainable_parameters)``.
+    """
+    train, val = synthetic_datasets(config)
+    num_classes = len(train.class_names)
+    torch.manual_seed(config.seed)
+    foundation = build_variant("foundation", build_foundation_backbone(config), train.aux_channels, num_classes)
+    trainer = Trainer(foundation, train, num_classes, replace(config.foundation, seed=config.seed, progress=progress),
+                      Path(config.out) / "foundation", val_set=val, device="cpu", ctx=Dist())
+    metrics = trainer.fit()
+    trainable = count_parameters(foundation).trainable
+    vit = remove_gopt(foundation)  # the fine-tuned ViT without its head
+    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    atomic_write_bytes(weights, save_safetensors(state))
+    return vit, metrics, trainable
 
 
 @torch.no_grad()
@@ -75,36 +105,23 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     start = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, val = _datasets(config)
+    train, val = synthetic_datasets(config)
     num_classes, aux_classes = len(train.class_names), sorted(train.aux_dependent_classes)
     rgb_classes = [c for c in range(num_classes) if c not in train.aux_dependent_classes]
-    ctx = Dist()
-
-    def fit(model, train_config, name):
-        trainer = Trainer(model, train, num_classes, replace(train_config, seed=config.seed, progress=progress),
-                          out / name, val_set=val, device="cpu", ctx=ctx)
-        return trainer.fit()
 
     print(f"[1/4] training the RGB-only foundation ViT on the synthetic {config.mode} world", file=sys.stderr)
-    torch.manual_seed(config.seed)
-    vit = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
-    foundation = build_variant("foundation", vit, train.aux_channels, num_classes)
-    foundation_metrics = fit(foundation, config.foundation, "foundation")
-    foundation_params = count_parameters(foundation).trainable
-    vit = remove_gopt(foundation)  # the fine-tuned ViT, as a user's pretrained backbone
     weights = out / "foundation_vit.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
+    vit, foundation_metrics, foundation_params = train_foundation(config, weights, progress)
 
     print("[2/4] freezing it and training the GoPT adapter on RGB + aux", file=sys.stderr)
     segmenter = apply_gopt(vit, train.aux_channels, num_classes)
     segmenter.adapter.preprocessing = dataset_preprocessing(val)  # what gopt predict needs to repeat
-    gopt_metrics = fit(segmenter, config.gopt, "gopt")
+    gopt_metrics = Trainer(segmenter, train, num_classes, replace(config.gopt, seed=config.seed, progress=progress),
+                           out / "gopt", val_set=val, device="cpu", ctx=Dist()).fit()
 
     print("[3/4] saving the adapter and reloading it into a fresh segmenter", file=sys.stderr)
     adapter_path = save_adapter(segmenter, out / "gopt_adapter.safetensors")
-    fresh_vit = timm.create_model(config.backbone, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay=dict(file=str(weights)), **config.backbone_kwargs)
-    fresh = apply_gopt(fresh_vit, **{k: v for k, v in segmenter.config.to_dict().items()})
+    fresh = apply_gopt(build_foundation_backbone(config, weights), **segmenter.config.to_dict())
     load_adapter(fresh, adapter_path)
     same = fresh.adapter.preprocessing == segmenter.adapter.preprocessing and all(
         torch.equal(a, b) for a, b in zip(_predictions(segmenter, val), _predictions(fresh, val)))
@@ -122,8 +139,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     print("| model | trainable params | adapter file | mIoU | mIoU aux classes | mIoU RGB classes |")
     print("|---|---|---|---|---|---|")
     for name, params, size, metrics in rows:
-        print(f"| {name} | {params:,} | {size} | {metrics['miou']:.3f} | {_class_miou(metrics, aux_classes):.3f} "
-              f"| {_class_miou(metrics, rgb_classes):.3f} |")
+        print(f"| {name} | {params:,} | {size} | {metrics['miou']:.3f} | {class_miou(metrics, aux_classes):.3f} "
+              f"| {class_miou(metrics, rgb_classes):.3f} |")
     print(f"\nreloaded adapter predicts identically: {'yes' if same else 'NO'} "
           f"(mIoU {reloaded_metrics['miou']:.3f}); total time {time.perf_counter() - start:.0f} s")
     return {

@@ -1,0 +1,280 @@
+"""The paper's Table 4 (variants and ablations), Fig. 6 (interval) and Fig. 7 (hard vs soft)
+on the built-in synthetic world, on the CPU:
+
+    python -m benchmarks.ablation --out runs/ablation --doc docs/results.md
+
+For each world (``depth``, ``thermal``) a small ViT is first pretrained on RGB alone by the
+demo's path (:func:`gopt_adapter.demo.train_foundation`): it is this world's "pretrained
+foundation model", shared by every row and seed. Each variant then starts from it and
+trains with each seed; the table reports mean and standard deviation over the seeds of the
+mIoU overall and on the classes that only the auxiliary channel separates.
+
+Runs go to two worker processes (one thread each, which beats one process with two threads
+for a model this small). Every finished run leaves ``<out>/<world>/<variant>_s<seed>.json``;
+an interrupted job started again with the same ``--out`` skips what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gopt_adapter.adapter_io import atomic_write_bytes
+from gopt_adapter.baselines import VARIANTS, build_variant
+from gopt_adapter.demo import DemoConfig, build_foundation_backbone, class_miou, synthetic_datasets, train_foundation
+from gopt_adapter.engine import Dist, TrainConfig, Trainer
+from gopt_adapter.parameters import count_parameters
+
+from .suite import TABLES
+
+# Table 4 rows in the paper's order, then the baseline it does not have, then the Fig. 6
+# interval sweep on a 4-block backbone (gopt = interval 1, gopt_shallow = interval 4).
+TABLE4 = ("foundation", "fft", "vpt_shallow", "vpt_deep", "gopt_shallow", "gopt", "gopt_no_acp", "gopt_no_cup", "lora")
+EXTRA = ("gopt_soft", "gopt_i2")
+WORLDS = ("depth", "thermal")
+PAPER_COLUMNS = {"depth": "nyudv2", "thermal": "mfnet"}  # the paper's dataset of the same pairing
+LABELS = {"gopt_soft": "GoPT, soft assignment", "gopt_i2": "GoPT, interval 2"}
+_FROZEN = TrainConfig(epochs=16, batch_size=16, lr=3e-3, weight_decay=0.01, warmup_steps=10, amp=False,
+                      eval_every=0, log_every=24, progress=False)
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """What the ablation trains: worlds, seeds, variants and the two training regimes.
+
+    Backbones that train (``foundation``, ``fft``) fine-tune a pretrained model and get a
+    lower learning rate than the frozen-backbone variants, whose prompters and head start
+    from scratch; every variant sees the same data, steps and schedule otherwise.
+    """
+
+    worlds: tuple[str, ...] = WORLDS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = TABLE4 + EXTRA
+    demo: DemoConfig = DemoConfig(train_length=384, val_length=128)
+    frozen: TrainConfig = _FROZEN
+    full: TrainConfig = replace(_FROZEN, lr=5e-4)
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; valid: {sorted(VARIANTS)}")
+        bad_worlds = sorted(set(self.worlds) - set(WORLDS))
+        if bad_worlds:
+            raise ValueError(f"unknown worlds {bad_worlds}; valid: {list(WORLDS)}")
+        if not self.seeds or self.workers < 1:
+            raise ValueError("need at least one seed and one worker")
+
+    def train_config(self, variant: str, seed: int) -> TrainConfig:
+        regime = self.frozen if VARIANTS[variant].frozen_backbone else self.full
+        return replace(regime, seed=seed)
+
+
+# ------------------------------------------------------------------------ runs
+def pretrain(config: AblationConfig, world: str, out: Path) -> Path:
+    """This world's RGB-only foundation weights (trained once, reused when present)."""
+    demo = replace(config.demo, mode=world, out=str(out / world))
+    weights = out / world / "foundation_vit.safetensors"
+    if not weights.exists():
+        train_foundation(demo, weights, progress=False)
+    return weights
+
+
+def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights: str, result: str) -> dict[str, Any]:
+    """Trains ``variant`` from the pretrained weights with ``seed``; writes and returns its record."""
+    torch.set_num_threads(1)
+    demo = replace(config.demo, mode=world)
+    train, val = synthetic_datasets(demo)
+    num_classes = len(train.class_names)
+    torch.manual_seed(seed)  # adapter / head initialisation
+    model = build_variant(variant, build_foundation_backbone(demo, weights), train.aux_channels, num_classes)
+    start = time.perf_counter()
+    work = Path(result).with_suffix("")
+    metrics = Trainer(model, train, num_classes, config.train_config(variant, seed), work, val_set=val,
+                      device="cpu", ctx=Dist()).fit()
+    aux_classes = sorted(train.aux_dependent_classes)
+    record = {
+        "world": world, "variant": variant, "seed": seed,
+        "trainable_parameters": count_parameters(model).trainable,
+        "miou": metrics["miou"],
+        "miou_aux_classes": class_miou(metrics, aux_classes),
+        "miou_rgb_classes": class_miou(metrics, [c for c in range(num_classes) if c not in aux_classes]),
+        "rgb_only_bound": train.rgb_only_miou_bound,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    atomic_write_bytes(result, (json.dumps(record, indent=2) + "\n").encode())
+    (work / "checkpoint.pt").unlink(missing_ok=True)  # the record is what we keep
+    return record
+
+
+def run_all(config: AblationConfig, out: Path) -> list[dict[str, Any]]:
+    """Every (world, variant, seed) run, skipping those with a result file already."""
+    records, todo = [], []
+    for world in config.worlds:
+        weights = pretrain(config, world, out)
+        print(f"[{world}] foundation ready: {weights}", file=sys.stderr)
+        for seed in config.seeds:
+            for variant in config.variants:
+                result = out / world / f"{variant}_s{seed}.json"
+                if result.exists():
+                    records.append(json.loads(result.read_text()))
+                else:
+                    todo.append((world, variant, seed, str(weights), str(result)))
+    print(f"{len(records)} runs done before, {len(todo)} to go on {config.workers} workers", file=sys.stderr)
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads
+    with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+        futures = [pool.submit(run_one, config, *job) for job in todo]
+        for done, future in enumerate(as_completed(futures), 1):
+            record = future.result()
+            records.append(record)
+            elapsed = time.perf_counter() - start
+            print(f"[{done}/{len(todo)}] {record['world']:7s} {record['variant']:13s} seed {record['seed']}: "
+                  f"mIoU {record['miou']:.3f} (aux classes {record['miou_aux_classes']:.3f}), "
+                  f"{elapsed:.0f} s elapsed, ~{elapsed / done * (len(todo) - done):.0f} s left", file=sys.stderr)
+    return sorted(records, key=lambda r: (r["world"], r["seed"], r["variant"]))
+
+
+# ---------------------------------------------------------------------- report
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+
+
+def _paper_table4() -> tuple[dict[str, str], dict[str, dict[str, float | None]]]:
+    """Row labels and mIoU per variant and dataset of the paper's Table 4 (from benchmarks.suite)."""
+    table = next(t for t in TABLES if t.title.startswith("Table 4"))
+    labels = {variant: row.label for row in table.rows for variant in row.variants}
+    mious = {
+        variant: {column.dataset: value for column, value in zip(table.columns, row.paper) if column.metric == "mIoU"}
+        for row in table.rows for variant in row.variants
+    }
+    return labels, mious
+
+
+def report(config: AblationConfig, records: list[dict[str, Any]], command: str, wall_s: float) -> str:
+    """Markdown: the Table 4 layout with our worlds as columns, then Fig. 6 and Fig. 7."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        runs.setdefault((record["world"], record["variant"]), []).append(record)
+    labels, paper = _paper_table4()
+    labels = {**labels, **LABELS}
+    bounds = {r["world"]: r["rgb_only_bound"] for r in records}
+
+    def cells(world: str, variant: str) -> list[str]:
+        group = runs.get((world, variant), [])
+        return [_mean_std([r["miou"] for r in group]), _mean_std([r["miou_aux_classes"] for r in group])]
+
+    def params(variant: str) -> str:
+        counts = {r["trainable_parameters"] for w in config.worlds for r in runs.get((w, variant), [])}
+        return " / ".join(f"{c:,}" for c in sorted(counts)) or "-"
+
+    lines = [
+        "# Results on the synthetic world",
+        "",
+        "Regenerate (2 CPU cores; wall time of the run below "
+        f"{wall_s / 60:.0f} min):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Backbone: `{config.demo.backbone}` with {config.demo.backbone_kwargs}, pretrained on RGB alone by the "
+        f"demo's path, then each row trains from it. Data: {config.demo.train_length} training and "
+        f"{config.demo.val_length} validation scenes at {config.demo.size}x{config.demo.size}. "
+        f"Frozen-backbone rows: {config.frozen.epochs} epochs, batch {config.frozen.batch_size}, AdamW, "
+        f"LR {config.frozen.lr:g}, polynomial decay; fine-tuned rows (Foundation, FFT): the same with LR "
+        f"{config.full.lr:g}. Seeds {list(config.seeds)}; cells are mean ± standard deviation of mIoU in percent. "
+        "\"aux\" is the mIoU over the classes that share their colour with another class and differ only "
+        "in the auxiliary channel. Best mIoU reachable from RGB alone, by construction: "
+        + ", ".join(f"{w} {100 * bounds[w]:.1f}" for w in config.worlds if w in bounds) + ".",
+        "",
+        "## Table 4 layout: variants and ablations",
+        "",
+        "| Method | Params | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds)
+        + " | " + " | ".join(f"paper {PAPER_COLUMNS[w]} mIoU" for w in config.worlds) + " |",
+        "|---|---:|" + "---:|---:|" * len(config.worlds) + "---:|" * len(config.worlds),
+    ]
+    for variant in config.variants:
+        if variant in EXTRA:
+            continue
+        ours = [c for w in config.worlds for c in cells(w, variant)]
+        theirs = [paper.get(variant, {}).get(PAPER_COLUMNS[w]) for w in config.worlds]
+        lines.append(f"| {labels.get(variant, variant)} | {params(variant)} | " + " | ".join(ours) + " | "
+                     + " | ".join("-" if v is None else f"{v:.1f}" for v in theirs) + " |")
+    sweep = [v for v in ("gopt", "gopt_i2", "gopt_shallow") if v in config.variants]
+    lines += ["", "## Fig. 6 layout: interval between prompters (4-block backbone)", "",
+              "| interval | Params | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",
+              "|---:|---:|" + "---:|---:|" * len(config.worlds)]
+    for variant, interval in zip(sweep, (1, 2, 4)):
+        lines.append(f"| {interval} | {params(variant)} | "
+                     + " | ".join(c for w in config.worlds for c in cells(w, variant)) + " |")
+    lines += ["", "## Fig. 7 layout: hard vs soft assignment", "",
+              "| assignment | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",
+              "|---|" + "---:|---:|" * len(config.worlds)]
+    for variant, name in (("gopt", "hard (Gumbel, straight-through)"), ("gopt_soft", "soft")):
+        if variant in config.variants:
+            lines.append(f"| {name} | " + " | ".join(c for w in config.worlds for c in cells(w, variant)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/ablation", help="folder for the runs (resumable)")
+    parser.add_argument("--doc", help="write the Markdown report here (e.g. docs/results.md)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(AblationConfig.seeds))
+    parser.add_argument("--worlds", nargs="+", default=list(WORLDS), help=f"subset of {list(WORLDS)}")
+    parser.add_argument("--variants", nargs="+", default=list(TABLE4 + EXTRA), help="subset of the rows")
+    parser.add_argument("--epochs", type=int, default=AblationConfig.frozen.epochs, help="epochs of every row")
+    parser.add_argument("--train-length", type=int, default=AblationConfig.demo.train_length,
+                        help="training scenes per epoch")
+    parser.add_argument("--val-length", type=int, default=AblationConfig.demo.val_length, help="validation scenes")
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = AblationConfig()
+    try:
+        config = AblationConfig(
+            worlds=tuple(args.worlds), seeds=tuple(args.seeds), variants=tuple(args.variants),
+            demo=replace(base.demo, train_length=args.train_length, val_length=args.val_length),
+            frozen=replace(base.frozen, epochs=args.epochs), full=replace(base.full, epochs=args.epochs),
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records = run_all(config, out)
+    command = "python -m benchmarks.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(config, records, command.strip(), time.perf_counter() - start)
+    atomic_write_bytes(out / "results.md", text.encode())
+    json_records = json.dumps({"config": asdict(config), "runs": records}, indent=1, default=str)
+    atomic_write_bytes(out / "results.json", json_records.encode())
+    if args.doc:
+        atomic_write_bytes(args.doc, text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The synthetic ablation (benchmarks.ablation) end to end on a tiny budget, and its resume."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import ablation
+
+TINY = ["--worlds", "depth", "--seeds", "0", "--variants", "gopt", "vpt_shallow", "gopt_soft",
+        "--epochs", "1", "--train-length", "32", "--val-length", "8", "--workers", "1"]
+
+
+def test_ablation_runs_reports_and_resumes(tmp_path, capsys):
+    out, doc = tmp_path / "abl", tmp_path / "results.md"
+    assert ablation.main([*TINY, "--out", str(out), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {(r["variant"], r["seed"]) for r in runs} == {("gopt", 0), ("vpt_shallow", 0), ("gopt_soft", 0)}
+    for record in runs:
+        assert 0 <= record["miou"] <= 1 and record["rgb_only_bound"] > 0.6
+        assert (out / "depth" / f"{record['variant']}_s0.json").exists()
+    row = next(line for line in text.splitlines() if line.startswith("| GoPT |"))
+    gopt = next(r for r in runs if r["variant"] == "gopt")
+    assert f"{gopt['trainable_parameters']:,}" in row and f"{100 * gopt['miou']:.1f} ± 0.0" in row
+    assert "| 54.1 |" in row  # the paper's NYUDv2 mIoU for GoPT, beside ours
+    assert "| soft |" in text and "## Fig. 6" in text
+
+    capsys.readouterr()
+    assert ablation.main([*TINY, "--out", str(out)]) == 0  # everything done: nothing trains again
+    assert "3 runs done before, 0 to go" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
+
+
+def test_ablation_rejects_unknown_rows(capsys):
+    assert ablation.main(["--variants", "gopt", "nope"]) == 2
+    assert "unknown variants ['nope']" in capsys.readouterr().err
