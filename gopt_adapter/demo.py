@@ -52,7 +52,7 @@ class DemoConfig:
 def synthetic_datasets(config: DemoConfig):
     """The demo's training (with augmentation) and validation sets of the synthetic world."""
     crop = default_train_config("synthetic", crop_size=(config.size, config.size))
-    common = dict(mode=config.mode, size=config.size, seed=config.seed)
+    common = dict(mode=config.mode, size=config.size, seed=config.seed, cache=True)  # read once per epoch
     train = get_dataset("synthetic", split="train", length=config.train_length,
                         transform=build_transforms("synthetic", True, crop), **common)
     val = get_dataset("synthetic", split="val", length=config.val_length,

@@ -216,3 +216,25 @@ def test_invalid_options() -> None:
         SyntheticRGBX("depth", "holdout")
     with pytest.raises(ValueError, match="size"):
         SyntheticRGBX("depth", size=4)
+
+
+def test_cache_returns_exactly_the_generated_scenes():
+    """cache=True gives the same samples as generating them (before and after transforms), and
+    a transform run on a cached sample leaves the cache as it was."""
+    from gopt_adapter.transforms import build_transforms, default_train_config
+
+    transform = build_transforms("synthetic", True, default_train_config("synthetic", crop_size=(32, 32)))
+    plain = SyntheticRGBX("thermal", "train", size=32, length=4, seed=5)
+    cached = SyntheticRGBX("thermal", "train", size=32, length=4, seed=5, cache=True, transform=transform)
+    for _ in range(2):
+        for index in range(4):
+            reference = plain[index]
+            raw = cached.load(index)
+            for key in ("rgb", "aux", "label"):
+                assert torch.equal(raw[key], reference[key])
+            torch.manual_seed(index)
+            first = cached[index]
+            torch.manual_seed(index)
+            again = cached[index]
+            assert all(torch.equal(first[k], again[k]) for k in ("rgb", "aux", "label"))
+    assert len(cached._cache) == 4
