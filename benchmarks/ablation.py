@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from gopt_adapter.adapter_io import atomic_write_bytes
+from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.demo import DemoConfig, build_foundation_backbone, class_miou, synthetic_datasets, train_foundation
 from gopt_adapter.engine import Dist, TrainConfig, Trainer

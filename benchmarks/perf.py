@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
 from gopt_adapter import GoptSegmenter, count_parameters, load_adapter, save_adapter
-from gopt_adapter.adapter_io import atomic_write_bytes
+from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.engine import trainable_state_dict
 

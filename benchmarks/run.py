@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from gopt_adapter import GoptAdapter, count_parameters, save_adapter
-from gopt_adapter.adapter_io import atomic_write_bytes
+from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.datasets import DATASETS, get_dataset
 from gopt_adapter.engine import (
@@ -39,6 +39,7 @@ from gopt_adapter.engine import (
     init_distributed,
     json_safe,
     seed_everything,
+    shutdown_distributed,
     trainable_state_dict,
 )
 from gopt_adapter.preprocessing import dataset_preprocessing
@@ -273,6 +274,8 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         metrics = trainer.fit(resume=resume)
     except CheckpointError as exc:  # raised while resuming, before any training
         raise UsageError(str(exc)) from None
+    finally:
+        trainer.close()
     record = json_safe({  # standard JSON: NaN (a class never seen) becomes null
         "config": {**dataclasses.asdict(config), "train": dataclasses.asdict(config.train)},
         "metrics": metrics,
@@ -306,6 +309,8 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     metrics = record["metrics"]
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}, indent=None))
     return 0

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -35,6 +33,7 @@ from . import __version__
 from .adapter import GoptAdapter
 from .backbone import BackboneSpec
 from .config import GoptConfig
+from .files import atomic_write_bytes
 from .preprocessing import Preprocessing, check_aux_channels
 
 if TYPE_CHECKING:
@@ -60,50 +59,6 @@ class AdapterFile:
     library_version: str
     tensors: dict[str, torch.Tensor]
     preprocessing: Preprocessing | None = None
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (no window in which
-    another thread would create files with a zero umask)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` so that ``path`` holds either its old content or all of ``data``.
-
-    The file gets the mode of the file it replaces, or else ``0o666 & ~umask`` like any file
-    created with ``open`` (``mkstemp`` alone would leave it private, 0600).
-    """
-    path = Path(path)
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def fingerprint(spec: BackboneSpec, weights_sha256: str) -> dict[str, Any]:

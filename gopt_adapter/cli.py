@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a setting as in gopt train, e.g. val_options.length=64 or "
                          "dataset_options.mode=\"thermal\" (repeatable)")
     ev.add_argument("--window", type=int, help="sliding-window evaluation with this square window (pixels)")
-    ev.add_argument("--stride", type=int, help="stride of the sliding window (default: 2/3 of the window)")
+    ev.add_argument("--stride", type=int, help="stride of the sliding window, 1..window (default: the window, no overlap)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     ev.add_argument("--allow-backbone-mismatch", action="store_true",
                     help="evaluate even if the backbone weights differ from those the adapter was trained on")

@@ -22,7 +22,8 @@ import timm
 import torch
 from safetensors.torch import save as save_safetensors
 
-from .adapter_io import atomic_write_bytes, load_adapter, save_adapter
+from .adapter_io import load_adapter, save_adapter
+from .files import atomic_write_bytes
 from .baselines import build_variant
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate

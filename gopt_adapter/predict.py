@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .adapter_io import AdapterFile, read_adapter_file
-from .datasets.base import check_same_size, read_image, scale_to_unit
+from .datasets.base import AUX_NORMALIZATIONS, check_same_size, read_image, scale_to_unit
 from .model import GoptSegmenter
 from .preprocessing import check_aux_channels
 from .transforms import NormalizeConfig
@@ -217,8 +217,8 @@ def read_pair(rgb_path: str | Path, aux_path: str | Path | None, aux_channels: i
         raise ValueError(f"auxiliary image {aux_path} has {aux_arr.shape[2]} channel(s), the adapter takes "
                          f"{aux_channels}")
     check_same_size([(rgb, rgb_path), (aux_arr, aux_path)])
-    if aux_scale not in ("fixed", "per_image"):
-        raise ValueError(f"aux scale must be 'fixed' or 'per_image', got {aux_scale!r}")
+    if aux_scale not in AUX_NORMALIZATIONS:
+        raise ValueError(f"aux scale must be one of {AUX_NORMALIZATIONS}, got {aux_scale!r}")
     if aux_scale == "fixed" and aux_max is None and aux_arr.dtype.kind == "f":
         raise ValueError(f"auxiliary image {aux_path} holds floats; give its range with aux_max or use per_image")
     aux = scale_to_unit(aux_arr, aux_scale, aux_max, aux_path)

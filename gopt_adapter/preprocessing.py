@@ -17,12 +17,13 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from .datasets.base import AUX_NORMALIZATIONS
 from .transforms import Normalize, NormalizeConfig
 
 __all__ = ["AUX_SCALES", "Preprocessing", "check_aux_channels", "dataset_preprocessing"]
 
-#: Ways of mapping raw auxiliary values to [0, 1] (see :data:`gopt_adapter.datasets.base.AuxNormalization`).
-AUX_SCALES = ("fixed", "per_image")
+#: Ways of mapping raw auxiliary values to [0, 1], as the dataset readers offer them.
+AUX_SCALES = AUX_NORMALIZATIONS
 
 #: Identity normalisation: what a model trained without a ``Normalize`` transform saw.
 _NO_NORMALIZE = NormalizeConfig(rgb_mean=(0.0, 0.0, 0.0), rgb_std=(1.0, 1.0, 1.0), aux_mean=(0.0,), aux_std=(1.0,))

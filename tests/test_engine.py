@@ -23,6 +23,7 @@ from gopt_adapter.engine import (
     json_line,
     json_safe,
     poly_lr_factor,
+    shutdown_distributed,
     sliding_window_logits,
     trainable_state_dict,
     window_starts,
@@ -314,8 +315,9 @@ def _ddp_worker(rank, port, out, queue):
         trainer.ddp.register_comm_hook(None, counting_allreduce)
         trainer.fit()
         queue.put((rank, len(calls), trainer.step))
+        trainer.close()  # DDP's reducer before the process group, or gloo may abort the process
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()
 
 
 def test_ddp_accumulates_without_sync_and_logs_the_loss_averaged_over_ranks(tmp_path):

@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import tifffile
 
-from ..adapter_io import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .base import (
     AUX_NORMALIZATIONS,
     AuxNormalization,
