@@ -36,6 +36,7 @@ from gopt_adapter.demo import DemoConfig, build_foundation_backbone, class_miou,
 from gopt_adapter.engine import Dist, TrainConfig, Trainer
 from gopt_adapter.parameters import count_parameters
 
+from .markdown import invocation, write_section
 from .suite import TABLES
 
 # Table 4 rows in the paper's order, then the baseline it does not have, then the Fig. 6
@@ -44,6 +45,7 @@ TABLE4 = ("foundation", "fft", "vpt_shallow", "vpt_deep", "gopt_shallow", "gopt"
 EXTRA = ("gopt_soft", "gopt_i2")
 WORLDS = ("depth", "thermal")
 PAPER_COLUMNS = {"depth": "nyudv2", "thermal": "mfnet"}  # the paper's dataset of the same pairing
+SECTION = "ablation"  # markers of the generated part of docs/results.md
 LABELS = {"gopt_soft": "GoPT, soft assignment", "gopt_i2": "GoPT, interval 2"}
 _FROZEN = TrainConfig(epochs=16, batch_size=16, lr=3e-3, weight_decay=0.01, warmup_steps=10, amp=False,
                       eval_every=0, log_every=24, progress=False)
@@ -118,8 +120,8 @@ def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights
     return record
 
 
-def run_all(config: AblationConfig, out: Path) -> list[dict[str, Any]]:
-    """Every (world, variant, seed) run, skipping those with a result file already."""
+def run_all(config: AblationConfig, out: Path) -> tuple[list[dict[str, Any]], int]:
+    """Every (world, variant, seed) record, and how many came from an earlier invocation."""
     records, todo = [], []
     for world in config.worlds:
         weights = pretrain(config, world, out)
@@ -143,7 +145,7 @@ def run_all(config: AblationConfig, out: Path) -> list[dict[str, Any]]:
             print(f"[{done}/{len(todo)}] {record['world']:7s} {record['variant']:13s} seed {record['seed']}: "
                   f"mIoU {record['miou']:.3f} (aux classes {record['miou_aux_classes']:.3f}), "
                   f"{elapsed:.0f} s elapsed, ~{elapsed / done * (len(todo) - done):.0f} s left", file=sys.stderr)
-    return sorted(records, key=lambda r: (r["world"], r["seed"], r["variant"]))
+    return sorted(records, key=lambda r: (r["world"], r["seed"], r["variant"])), len(records) - len(todo)
 
 
 # ---------------------------------------------------------------------- report
@@ -166,8 +168,8 @@ def _paper_table4() -> tuple[dict[str, str], dict[str, dict[str, float | None]]]
     return labels, mious
 
 
-def report(config: AblationConfig, records: list[dict[str, Any]], command: str, wall_s: float) -> str:
-    """Markdown: the Table 4 layout with our worlds as columns, then Fig. 6 and Fig. 7."""
+def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, reused: int = 0) -> str:
+    """Markdown: the settings, the Table 4 layout with our worlds as columns, then Fig. 6 and 7."""
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:
         runs.setdefault((record["world"], record["variant"]), []).append(record)
@@ -184,14 +186,8 @@ def report(config: AblationConfig, records: list[dict[str, Any]], command: str, 
         return " / ".join(f"{c:,}" for c in sorted(counts)) or "-"
 
     lines = [
-        "# Results on the synthetic world",
-        "",
-        "Regenerate (2 CPU cores; wall time of the run below "
-        f"{wall_s / 60:.0f} min):",
-        "",
-        "```",
-        command,
-        "```",
+        f"Wall time of the command: {wall_s / 60:.1f} min on {config.workers} worker(s), 2 CPU cores"
+        + (f" ({reused} runs found finished were not run again)." if reused else "."),
         "",
         f"Backbone: `{config.demo.backbone}` with {config.demo.backbone_kwargs}, pretrained on RGB alone by the "
         f"demo's path, then each row trains from it. Data: {config.demo.train_length} training and "
@@ -203,7 +199,7 @@ def report(config: AblationConfig, records: list[dict[str, Any]], command: str, 
         "in the auxiliary channel. Best mIoU reachable from RGB alone, by construction: "
         + ", ".join(f"{w} {100 * bounds[w]:.1f}" for w in config.worlds if w in bounds) + ".",
         "",
-        "## Table 4 layout: variants and ablations",
+        "### Table 4 layout: variants and ablations",
         "",
         "| Method | Params | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds)
         + " | " + " | ".join(f"paper {PAPER_COLUMNS[w]} mIoU" for w in config.worlds) + " |",
@@ -217,13 +213,13 @@ def report(config: AblationConfig, records: list[dict[str, Any]], command: str, 
         lines.append(f"| {labels.get(variant, variant)} | {params(variant)} | " + " | ".join(ours) + " | "
                      + " | ".join("-" if v is None else f"{v:.1f}" for v in theirs) + " |")
     sweep = [v for v in ("gopt", "gopt_i2", "gopt_shallow") if v in config.variants]
-    lines += ["", "## Fig. 6 layout: interval between prompters (4-block backbone)", "",
+    lines += ["", "### Fig. 6 layout: interval between prompters (4-block backbone)", "",
               "| interval | Params | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",
               "|---:|---:|" + "---:|---:|" * len(config.worlds)]
     for variant, interval in zip(sweep, (1, 2, 4)):
         lines.append(f"| {interval} | {params(variant)} | "
                      + " | ".join(c for w in config.worlds for c in cells(w, variant)) + " |")
-    lines += ["", "## Fig. 7 layout: hard vs soft assignment", "",
+    lines += ["", "### Fig. 7 layout: hard vs soft assignment", "",
               "| assignment | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",
               "|---|" + "---:|---:|" * len(config.worlds)]
     for variant, name in (("gopt", "hard (Gumbel, straight-through)"), ("gopt_soft", "soft")):
@@ -264,14 +260,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    records = run_all(config, out)
-    command = "python -m benchmarks.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(config, records, command.strip(), time.perf_counter() - start)
-    atomic_write_bytes(out / "results.md", text.encode())
+    records, reused = run_all(config, out)
+    text = report(config, records, time.perf_counter() - start, reused)
+    command = invocation("benchmarks.ablation", argv)
+    for doc in (out / "results.md", *([args.doc] if args.doc else [])):
+        write_section(doc, SECTION, command, text)
     json_records = json.dumps({"config": asdict(config), "runs": records}, indent=1, default=str)
     atomic_write_bytes(out / "results.json", json_records.encode())
-    if args.doc:
-        atomic_write_bytes(args.doc, text.encode())
     print(text)
     return 0
 

@@ -30,7 +30,6 @@ import argparse
 import copy
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,9 +42,10 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
 from gopt_adapter import GoptSegmenter, count_parameters, load_adapter, save_adapter
-from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.engine import trainable_state_dict
+
+from .markdown import invocation, write_section
 
 VARIANTS = ("gopt", "gopt_shallow", "vpt_shallow", "vpt_deep", "lora", "fft")
 
@@ -170,8 +170,8 @@ def main(argv=None) -> None:
     text = report(args, device, batch, rows, frozen_forward, swap)
     print(text)
     if args.doc:
-        command = "python -m benchmarks.perf " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(Path(args.doc), f"{args.model}:{args.size[0]}x{args.size[1]}:{device.type}", command.strip(), text)
+        key = f"perf:{args.model}:{args.size[0]}x{args.size[1]}:{device.type}"
+        write_section(args.doc, key, invocation("benchmarks.perf", argv), text)
 
 
 def measure_swaps(rows: list[Row], repeats: int, rgb1, aux1) -> dict[str, float]:
@@ -223,18 +223,6 @@ def report(args, device, batch, rows: list[Row], frozen_forward: list[float], sw
         lines += ["", f"Swap, GoPT adapter: `load_adapter` {swap['load_adapter_ms']:.2f} ms, "
                       f"`set_adapter` {swap['set_adapter_ms']:.3f} ms (median of {args.swap_repeats})."]
     return "\n".join(lines) + "\n"
-
-
-def write_section(doc: Path, key: str, command: str, body: str) -> None:
-    """Replaces (or appends) the section of ``doc`` between the markers named ``key``."""
-    begin, end = f"<!-- perf:{key} begin -->", f"<!-- perf:{key} end -->"
-    section = f"{begin}\n```\n{command}\n```\n\n{body}{end}"
-    text = doc.read_text() if doc.exists() else ""
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_bytes(doc, text.encode())
 
 
 if __name__ == "__main__":

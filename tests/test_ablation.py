@@ -26,9 +26,13 @@ def test_ablation_runs_reports_and_resumes(tmp_path, capsys):
     assert "| soft |" in text and "## Fig. 6" in text
 
     capsys.readouterr()
-    assert ablation.main([*TINY, "--out", str(out)]) == 0  # everything done: nothing trains again
+    doc.write_text("# Title\n\n" + text + "\n## Discussion\n\nkept\n")
+    assert ablation.main([*TINY, "--out", str(out), "--doc", str(doc)]) == 0  # all done: nothing trains
     assert "3 runs done before, 0 to go" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["runs"] == runs
+    again = doc.read_text()
+    assert again.startswith("# Title\n") and again.endswith("## Discussion\n\nkept\n")
+    assert again.count("<!-- ablation begin -->") == 1 and "3 runs found finished" in again
 
 
 def test_ablation_rejects_unknown_rows(capsys):
