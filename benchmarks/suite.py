@@ -105,6 +105,7 @@ TABLES = (
         _row("VPT-Deep", "vpt_deep", (78.3, 64.2, 52.8, 74.1, 55.7, 69.8, 67.0, 58.3)),
         _row("GoPT-Shallow", "gopt_shallow", (78.1, 65.0, 52.9, 74.5, 56.0, 70.3, 67.5, 58.1)),
         _row("GoPT", "gopt", (79.8, 67.5, 54.1, 77.1, 57.4, 72.9, 69.3, 60.7)),
+        _row("GoPT, eq. 12 as printed (ACP query: RGB only)", "gopt_rgb_query", (None,) * 8),
         _row("GoPT (w/o ACP)", "gopt_no_acp", (78.6, 65.4, 53.7, 75.3, 56.4, 70.9, 67.8, 58.4)),
         _row("GoPT (w/o CUP)", "gopt_no_cup", (78.5, 65.7, 53.9, 75.6, 56.8, 71.2, 67.9, 58.3)),
         _row("LoRA (peft, not in paper)", "lora", (None,) * 8),

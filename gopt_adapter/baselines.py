@@ -406,6 +406,8 @@ _ALL = [
     _variant("gopt_shallow", _build_gopt_shallow, "Table 4 GoPT-Shallow", "one grouping prompter, before block 0"),
     _variant("gopt_no_cup", apply_gopt, "Table 4 GoPT (w/o CUP)", "grouping prompters without CUP", use_cup=False),
     _variant("gopt_no_acp", apply_gopt, "Table 4 GoPT (w/o ACP)", "grouping prompters without ACP", use_acp=False),
+    _variant("gopt_rgb_query", apply_gopt, "Table 4 GoPT, eq. 12 as printed",
+             "ACP queries with the RGB token alone (no aligned aux token)", acp_query="rgb"),
     _variant("gopt_soft", apply_gopt, "Fig. 7 soft", "soft instead of hard group assignment", assignment="soft"),
     *(
         _variant(f"gopt_i{interval}", apply_gopt, "Fig. 6", f"a grouping prompter every {interval} blocks",

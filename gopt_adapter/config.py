@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 ASSIGNMENTS = ("hard", "soft")
+ACP_QUERIES = ("aligned", "rgb")
 HEADS = ("setr_naive", "linear")
 
 
@@ -28,6 +29,10 @@ class GoptConfig:
         tau: Gumbel-softmax temperature.
         use_cup: keep the class-aware uni-modal prompter (Table 4 ablation switch).
         use_acp: keep the alignment-induced cross-modal prompter (Table 4 ablation switch).
+        acp_query: what ACP's query for patch ``i`` is made of (eq. 12): ``"aligned"`` adds the
+            aux token aligned with patch ``i`` to its RGB token (our reading, docs/method.md);
+            ``"rgb"`` is the RGB token alone, eq. 12 as printed, with which no aux detail
+            finer than the ``C`` image-wide group prompts reaches a patch.
         head: ``"setr_naive"`` (1x1 conv, BN, ReLU, 1x1 conv) or ``"linear"`` (BN, 1x1 conv).
         head_channels: hidden channels of the SETR-naive head.
     """
@@ -41,6 +46,7 @@ class GoptConfig:
     tau: float = 1.0
     use_cup: bool = True
     use_acp: bool = True
+    acp_query: str = "aligned"
     head: str = "setr_naive"
     head_channels: int = 256
 
@@ -51,6 +57,8 @@ class GoptConfig:
             check_positive_int("num_groups", self.num_groups)
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if self.acp_query not in ACP_QUERIES:
+            raise ValueError(f"acp_query must be one of {ACP_QUERIES}, got {self.acp_query!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):

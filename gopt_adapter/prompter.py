@@ -84,20 +84,31 @@ class ClassAwareUniModalPrompter(nn.Module):
 
 
 class AlignmentCrossModalPrompter(nn.Module):
-    """ACP, eq. 11-14: RGB tokens attend to the group prompts, then each takes its group's prompt."""
+    """ACP, eq. 11-14: patch tokens attend to the group prompts, then each takes its group's prompt.
 
-    def __init__(self, embed_dim: int, dim: int, assignment: str, tau: float) -> None:
+    With ``aligned`` the query of patch ``i`` is its RGB token plus the aux token aligned with
+    it (the alignment the prompter is named after); otherwise the RGB token alone (eq. 12 as
+    printed), which leaves every patch blind to its own aux value: two patches that look the
+    same in RGB then receive the same prompt, whatever their depth or temperature.
+    """
+
+    def __init__(self, embed_dim: int, dim: int, assignment: str, tau: float, aligned: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim)
         self.down = nn.Linear(embed_dim, dim)
         self.grouping = GroupingModule(dim, assignment, tau)
+        self.aligned = aligned
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.down(self.norm(tokens))  # [B, P + S, D] -> [B, P + S, r]
 
-    def forward(self, tokens: torch.Tensor, num_prefix_tokens: int, prompts: torch.Tensor) -> torch.Tensor:
-        """Block input ``tokens`` and group prompts ``[B, C, r]`` -> one prompt per patch token ``[B, S, r]``."""
+    def forward(self, tokens: torch.Tensor, num_prefix_tokens: int, prompts: torch.Tensor,
+                aux_tokens: torch.Tensor) -> torch.Tensor:
+        """Block input ``tokens``, group prompts ``[B, C, r]`` and the aux tokens ``[B, S, r]``
+        aligned with the patches -> one prompt per patch token ``[B, S, r]``."""
         query = patch_rows(recomputed(self.project, tokens), num_prefix_tokens)  # [B, S, r]
+        if self.aligned:
+            query = query + aux_tokens  # patch i and the aux token covering the same pixels
         attended = F.scaled_dot_product_attention(query, prompts, prompts)  # eq. 12, 14, [B, S, r]
         return self.grouping.dispatch(attended, prompts)  # eq. 11, [B, S, r]
 
@@ -114,7 +125,8 @@ class GroupingPrompter(nn.Module):
         super().__init__()
         r = config.hidden_dim
         self.cup = ClassAwareUniModalPrompter(r, config.assignment, config.tau) if config.use_cup else None
-        self.acp = AlignmentCrossModalPrompter(embed_dim, r, config.assignment, config.tau) if config.use_acp else None
+        self.acp = AlignmentCrossModalPrompter(embed_dim, r, config.assignment, config.tau,
+                                               aligned=config.acp_query == "aligned") if config.use_acp else None
         self.up = nn.Linear(r, embed_dim)
 
     def forward(self, tokens: torch.Tensor, num_prefix_tokens: int,
@@ -127,7 +139,7 @@ class GroupingPrompter(nn.Module):
             aux_tokens = state.aux_tokens
             prompts = state.class_tokens + aux_tokens.mean(dim=1, keepdim=True)  # [B, C, r]
         if self.acp is not None:
-            token_prompts = self.acp(tokens, num_prefix_tokens, prompts)  # [B, S, r]
+            token_prompts = self.acp(tokens, num_prefix_tokens, prompts, aux_tokens)  # [B, S, r]
         else:
             token_prompts = assign @ prompts  # [B, S, C] @ [B, C, r] -> [B, S, r]
         prompted = recomputed(self.inject, tokens, token_prompts, num_prefix_tokens)

@@ -145,3 +145,25 @@ def test_gumbel_noise_has_the_gumbel_distribution_and_max_trick():
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0]).expand(50_000, 4)
     picks = gumbel_assignment(logits, tau=0.5, hard=True, noise=True).mean(0)
     torch.testing.assert_close(picks, torch.softmax(logits[0], -1), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("acp_query", ["aligned", "rgb"])
+def test_acp_query_decides_whether_a_patch_sees_its_own_aux_token(acp_query):
+    """Two patches with the same RGB token but different aligned aux tokens get different
+    prompts only when ACP's query includes the aligned aux token. With the RGB token alone
+    (eq. 12 as printed) the prompt of a patch depends on the aux image only through the C
+    image-wide group prompts, so RGB-identical patches are always prompted alike."""
+    torch.manual_seed(0)
+    config = GoptConfig(1, 3, hidden_dim=8, acp_query=acp_query)
+    prompter = GroupingPrompter(config, embed_dim=16).eval()
+    with torch.no_grad():
+        prompter.up.weight.normal_()
+    tokens = torch.randn(1, 1 + 4, 16)
+    tokens[0, 2] = tokens[0, 1]  # patches 0 and 1: the same RGB token
+    state = PromptState(torch.randn(1, 4, 8), torch.randn(1, 3, 8))  # different aux tokens at patches 0, 1
+    with torch.no_grad():
+        out, _ = prompter(tokens, 1, state)
+    same = torch.equal(out[0, 1], out[0, 2])
+    assert same == (acp_query == "rgb")
+    with pytest.raises(ValueError, match="acp_query must be one of"):
+        GoptConfig(1, 3, acp_query="aux")
