@@ -183,9 +183,10 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
         group = runs.get((world, variant), [])
         return [_mean_std([r["miou"] for r in group]), _mean_std([r["miou_aux_classes"] for r in group])]
 
-    def params(variant: str) -> str:
-        counts = {r["trainable_parameters"] for w in config.worlds for r in runs.get((w, variant), [])}
-        return " / ".join(f"{c:,}" for c in sorted(counts)) or "-"
+    def params(variant: str) -> str:  # per world, in the column order (their class counts differ)
+        counts = [next((f"{r['trainable_parameters']:,}" for r in runs.get((w, variant), [])), "-")
+                  for w in config.worlds]
+        return " / ".join(counts)
 
     lines = [
         f"Wall time of the command: {wall_s / 60:.1f} min on {config.workers} worker(s), 2 CPU cores"
@@ -203,7 +204,7 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
         "",
         "### Table 4 layout: variants and ablations",
         "",
-        "| Method | Params | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds)
+        f"| Method | Params ({' / '.join(config.worlds)}) | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds)
         + " | " + " | ".join(f"paper {PAPER_COLUMNS[w]} mIoU" for w in config.worlds) + " |",
         "|---|---:|" + "---:|---:|" * len(config.worlds) + "---:|" * len(config.worlds),
     ]
@@ -216,7 +217,7 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
                      + " | ".join("-" if v is None else f"{v:.1f}" for v in theirs) + " |")
     sweep = [v for v in ("gopt", "gopt_i2", "gopt_shallow") if v in config.variants]
     lines += ["", "### Fig. 6 layout: interval between prompters (4-block backbone)", "",
-              "| interval | Params | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",
+              f"| interval | Params ({' / '.join(config.worlds)}) | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",
               "|---:|---:|" + "---:|---:|" * len(config.worlds)]
     for variant, interval in zip(sweep, (1, 2, 4)):
         lines.append(f"| {interval} | {params(variant)} | "
