@@ -278,5 +278,7 @@ def _load_checked(adapter: GoptAdapter, file: AdapterFile) -> None:
     """
     state = adapter.state_dict(keep_vars=True)
     check_tensors(file, state)
-    torch._foreach_copy_(list(state.values()), [file.tensors[name] for name in state])  # one call, casts dtypes
+    targets = list(state.values())
+    sources = [file.tensors[name].to(target.device) for name, target in state.items()]  # no-op on the CPU
+    torch._foreach_copy_(targets, sources)  # one call for every tensor; casts dtypes
     adapter.preprocessing = file.preprocessing
