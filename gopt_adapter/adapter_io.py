@@ -3,7 +3,7 @@
 Layout of a file: the adapter's state-dict tensors (aux embedding, class tokens, prompters,
 head with its BatchNorm buffers) and string metadata:
 
-- ``format``: ``"gopt-adapter"``; ``format_version``: ``"1"``; ``library_version``;
+- ``format``: ``"gopt-adapter"``; ``format_version``: ``"2"``; ``library_version``;
 - ``config``: the :class:`GoptConfig` as JSON;
 - ``backbone``: the backbone fingerprint as JSON (class, width, depth, patch size, prefix
   tokens and the SHA-256 of the frozen weights);
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .model import GoptSegmenter
 
 FORMAT = "gopt-adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: one-pass checksum over the data section; ACP query in the config
 _METADATA_KEYS = {"format", "format_version", "library_version", "config", "backbone", "checksum"}
 _SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -175,6 +175,8 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         backbone = json.loads(metadata["backbone"])
     except (ValueError, TypeError) as exc:
         raise AdapterError(f"{path}: invalid adapter config ({exc})") from None
+    if not isinstance(backbone, dict):
+        raise AdapterError(f"{path}: invalid backbone fingerprint (a JSON object expected, got {type(backbone).__name__})")
     preprocessing = None
     if "preprocessing" in metadata:
         try:

@@ -26,16 +26,20 @@ def gumbel_assignment(logits: torch.Tensor, tau: float, hard: bool, noise: bool)
     added, so the draw follows ``torch.manual_seed``; without it (evaluation) the result is
     deterministic. ``hard`` returns a one-hot of the argmax whose gradient is that of the
     softmax (straight-through, eq. 9); otherwise the softmax itself (soft assignment).
+
+    Computed in float32 whatever the input dtype (bf16 under autocast has about 2,000 distinct
+    uniform draws: a biased noise and tied logits); returned in the input dtype.
     """
+    dtype, logits = logits.dtype, logits.float()
     if noise:
         logits = logits + gumbel_noise_like(logits)
     if hard and not (logits.requires_grad and torch.is_grad_enabled()):  # no gradient: the softmax is moot
-        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(dtype)
     soft = torch.softmax(logits / tau, dim=-1)  # eq. 8
     if not hard:
-        return soft
+        return soft.to(dtype)
     one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
-    return one_hot - soft.detach() + soft  # eq. 9, straight-through
+    return (one_hot - soft.detach() + soft).to(dtype)  # eq. 9, straight-through
 
 
 class GroupingModule(nn.Module):

@@ -187,15 +187,17 @@ class GoptSegmenter(nn.Module):
         self.adapters[name] = adapter
 
     # -------------------------------------------------------- files & identity
-    def backbone_fingerprint(self) -> dict[str, Any]:
+    def backbone_fingerprint(self, refresh: bool = False) -> dict[str, Any]:
         """Backbone identity stored in adapter files.
 
         The SHA-256 of the frozen weights is computed once and reused for as long as no
-        backbone tensor is replaced or modified (checked through tensor versions and a sample
-        of every tensor's values, see :func:`~gopt_adapter.backbone.weights_version`).
+        backbone tensor is replaced or modified, as far as tensor versions and a sample of
+        every tensor's values tell (:func:`~gopt_adapter.backbone.weights_version`). An edit
+        through ``.data`` that misses every sampled element goes unseen: after editing the
+        frozen weights by hand, pass ``refresh=True`` once (a full hash, ~0.25 s for ViT-B).
         """
         version = weights_version(self.backbone)
-        if self._digest_cache is None or self._digest_cache[0] != version:
+        if refresh or self._digest_cache is None or self._digest_cache[0] != version:
             self._digest_cache = (version, weights_digest(self.backbone))
         return fingerprint(self.spec, self._digest_cache[1])
 

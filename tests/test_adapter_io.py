@@ -710,6 +710,23 @@ def test_backbone_digest_is_cached_across_saves_but_sees_data_edits(tmp_path, mo
     save_adapter(restored, tmp_path / "restored.safetensors")
     assert len(calls) == 3
 
+    weight.data.view(-1)[1] += 1.0  # one element off the sampled grid: the cheap check cannot see it
+    assert segmenter.backbone_fingerprint()["weights_sha256"] == recorded
+    refreshed = segmenter.backbone_fingerprint(refresh=True)["weights_sha256"]
+    assert refreshed != recorded and refreshed == weights_digest(segmenter.backbone)
+
+
+def test_files_of_another_format_version_name_it(tmp_path):
+    """A file of format version 1 (older checksum) is refused naming both versions, not as corrupt."""
+    from safetensors.torch import load_file, safe_open
+
+    path = save_adapter(build(CONFIGS["default"]), tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    old = tmp_path / "v1.safetensors"
+    old.write_bytes(adapter_io.seal(load_file(str(path)), {**metadata, "format_version": "1"}))
+    assert_rejected(target(), old, "adapter format version '1'; this library reads '2'")
+
 
 # ------------------------------------------------------- from_pretrained leaves the model alone
 def model_state(model):

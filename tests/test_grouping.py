@@ -167,3 +167,14 @@ def test_acp_query_decides_whether_a_patch_sees_its_own_aux_token(acp_query):
     assert same == (acp_query == "rgb")
     with pytest.raises(ValueError, match="acp_query must be one of"):
         GoptConfig(1, 3, acp_query="aux")
+
+
+def test_bf16_logits_get_float32_noise_and_keep_their_dtype():
+    """Under bf16 autocast the assignment logits are bf16: the Gumbel-max trick must still pick
+    group j with probability softmax(logits)_j (bf16 noise is biased and ties break to index 0),
+    and the assignment comes back in bf16 for the matmuls that follow."""
+    torch.manual_seed(0)
+    logits = torch.full((100_000, 8), 20.0, dtype=torch.bfloat16)
+    assign = gumbel_assignment(logits, tau=1.0, hard=True, noise=True)
+    assert assign.dtype == torch.bfloat16
+    torch.testing.assert_close(assign.float().mean(0), torch.full((8,), 0.125), atol=0.005, rtol=0)
