@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.demo import DemoConfig, build_foundation_backbone, class_miou, synthetic_datasets, train_foundation
 from gopt_adapter.engine import Dist, TrainConfig, Trainer
+from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.parameters import count_parameters
 
 from .markdown import invocation, write_section

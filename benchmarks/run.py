@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from gopt_adapter import GoptAdapter, count_parameters, save_adapter
-from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.datasets import DATASETS, get_dataset
 from gopt_adapter.engine import (
@@ -42,6 +41,7 @@ from gopt_adapter.engine import (
     shutdown_distributed,
     trainable_state_dict,
 )
+from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.preprocessing import dataset_preprocessing
 from gopt_adapter.transforms import NormalizeConfig, TrainTransformConfig, build_transforms, default_train_config
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .preprocessing import AUX_SCALES
+from .datasets.base import AUX_NORMALIZATIONS
 
 RUNNER_PROG = "python -m benchmarks.run"
 DEBUG_HELP = "show the full traceback of an error (accepted anywhere on the command line)"
@@ -115,7 +115,7 @@ the logits are cropped back to the input size.""",
     pr.add_argument("--class-names", metavar="NAMES",
                     help="comma-separated names, or a dataset whose names to use (nyudv2, sunrgbd, mfnet, pst900, "
                          "whu_opt_sar, synthetic[:mode]); default 'class 0', 'class 1', ...")
-    pr.add_argument("--aux-scale", choices=AUX_SCALES,
+    pr.add_argument("--aux-scale", choices=AUX_NORMALIZATIONS,
                     help="fixed: divide by --aux-max and clip; per_image: min-max per image (default: stored in "
                          "the adapter, else fixed)")
     pr.add_argument("--aux-max", type=float,

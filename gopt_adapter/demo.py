@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from .adapter_io import load_adapter, save_adapter
-from .files import atomic_write_bytes
 from .baselines import build_variant
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
+from .files import atomic_write_bytes
 from .model import apply_gopt, remove_gopt
 from .parameters import count_parameters
 from .preprocessing import dataset_preprocessing

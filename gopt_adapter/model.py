@@ -17,7 +17,6 @@ from .adapter_io import (
     AdapterError,
     AdapterFile,
     adapter_from_file,
-    atomic_write_bytes,
     check_backbone,
     fingerprint,
     read_adapter_file,
@@ -25,6 +24,7 @@ from .adapter_io import (
 )
 from .backbone import BackboneSpec, weights_digest, weights_version
 from .config import GoptConfig
+from .files import atomic_write_bytes
 from .inject import PromptContext, PromptedBlock, is_wrapped, unwrap_blocks, wrap_blocks
 
 DEFAULT_ADAPTER = "default"

@@ -12,16 +12,16 @@ What ``gopt predict`` does with one RGB + auxiliary pair:
    ``"per_image"`` min-max scales each image.
 3. Normalises with a :class:`~gopt_adapter.transforms.NormalizeConfig` (by default the
    training default: ImageNet mean/std for RGB, 0.5/0.5 for aux).
-
-``gopt predict`` takes steps 2 and 3 from the adapter's stored
-:class:`~gopt_adapter.preprocessing.Preprocessing` when it has one (flags override single
-values), else from the defaults.
 4. Pads the normalised images at the bottom/right with zeros up to a multiple of the patch
    size (zero after normalisation = the mean colour, which is how the training crop pads),
    runs the segmenter and crops the logits back to the input size.
 5. Returns the arg-max label map ``[H, W]``; :func:`write_prediction` stores it as a PNG
    (mode ``L``, uint8 class ids, for up to 256 classes; 16-bit otherwise) and a figure panel
    (:func:`gopt_adapter.visualize.make_panel`).
+
+``gopt predict`` takes steps 2 and 3 from the adapter's stored
+:class:`~gopt_adapter.preprocessing.Preprocessing` when it has one (flags override single
+values), else from the defaults.
 """
 
 from __future__ import annotations

@@ -20,10 +20,8 @@ from typing import Any, Mapping
 from .datasets.base import AUX_NORMALIZATIONS
 from .transforms import Normalize, NormalizeConfig
 
-__all__ = ["AUX_SCALES", "Preprocessing", "check_aux_channels", "dataset_preprocessing"]
+__all__ = ["Preprocessing", "check_aux_channels", "dataset_preprocessing"]
 
-#: Ways of mapping raw auxiliary values to [0, 1], as the dataset readers offer them.
-AUX_SCALES = AUX_NORMALIZATIONS
 
 #: Identity normalisation: what a model trained without a ``Normalize`` transform saw.
 _NO_NORMALIZE = NormalizeConfig(rgb_mean=(0.0, 0.0, 0.0), rgb_std=(1.0, 1.0, 1.0), aux_mean=(0.0,), aux_std=(1.0,))
@@ -53,8 +51,8 @@ class Preprocessing:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
     def __post_init__(self) -> None:
-        if self.aux_scale not in AUX_SCALES:
-            raise ValueError(f"aux_scale must be one of {AUX_SCALES}, got {self.aux_scale!r}")
+        if self.aux_scale not in AUX_NORMALIZATIONS:
+            raise ValueError(f"aux_scale must be one of {AUX_NORMALIZATIONS}, got {self.aux_scale!r}")
         if self.aux_max is not None:
             if isinstance(self.aux_max, bool) or not isinstance(self.aux_max, (int, float)):
                 raise ValueError(f"aux_max must be a number or None, got {self.aux_max!r}")
