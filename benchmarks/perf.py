@@ -39,11 +39,11 @@ from typing import Callable
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
 
 from gopt_adapter import GoptSegmenter, count_parameters, load_adapter, save_adapter
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.engine import trainable_state_dict
+from gopt_adapter.files import tensors_bytes
 
 from .markdown import invocation, write_section
 
@@ -122,8 +122,7 @@ def main(argv=None) -> None:
     for name in args.variants:
         model = build_variant(name, copy.deepcopy(base), 1, args.num_classes).to(device)
         params = count_parameters(model)
-        state = trainable_state_dict(model)
-        rows.append(Row(name, model, params.trainable, len(safetensors_bytes({k: v.contiguous().cpu() for k, v in state.items()})), [], []))
+        rows.append(Row(name, model, params.trainable, len(tensors_bytes(trainable_state_dict(model))), [], []))
     lower_bound = rows[0].model if isinstance(rows[0].model, GoptSegmenter) else None
     frozen_forward: list[float] = []
     optimizers = {row.name: torch.optim.AdamW([p for p in row.model.parameters() if p.requires_grad], lr=1e-6)

@@ -25,7 +25,6 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save as save_safetensors
 
 from gopt_adapter import GoptAdapter, count_parameters, save_adapter
 from gopt_adapter.baselines import VARIANTS, build_variant
@@ -41,7 +40,7 @@ from gopt_adapter.engine import (
     shutdown_distributed,
     trainable_state_dict,
 )
-from gopt_adapter.files import atomic_write_bytes
+from gopt_adapter.files import atomic_write_bytes, write_tensors
 from gopt_adapter.preprocessing import dataset_preprocessing
 from gopt_adapter.transforms import NormalizeConfig, TrainTransformConfig, build_transforms, default_train_config
 
@@ -295,8 +294,7 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         if is_gopt:
             save_adapter(model, out / ADAPTER_NAME)
         else:  # what a baseline trained (head, aux branch, and the backbone where it trains)
-            atomic_write_bytes(out / TRAINED_NAME, save_safetensors(
-                {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()}))
+            write_tensors(out / TRAINED_NAME, trainable_state_dict(model))
         atomic_write_bytes(out / "results.json", (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
     return record
 

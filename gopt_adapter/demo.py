@@ -20,13 +20,12 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save as save_safetensors
 
 from .adapter_io import load_adapter, save_adapter
 from .baselines import build_variant
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
-from .files import atomic_write_bytes
+from .files import write_tensors
 from .model import apply_gopt, remove_gopt
 from .parameters import count_parameters
 from .preprocessing import dataset_preprocessing
@@ -90,8 +89,7 @@ def train_foundation(config: DemoConfig, weights: str | Path, progress: bool = T
     metrics = trainer.fit()
     trainable = count_parameters(foundation).trainable
     vit = remove_gopt(foundation)  # the fine-tuned ViT without its head
-    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
-    atomic_write_bytes(weights, save_safetensors(state))
+    write_tensors(weights, vit.state_dict())
     return vit, metrics, trainable
 
 

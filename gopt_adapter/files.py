@@ -1,7 +1,7 @@
 """Crash-safe file writes: a file holds either its old content or all of the new.
 
-Adapters, checkpoints, logs, results and the WHU tile index are all written this way, so an
-interrupted job never leaves a half-written file behind.
+Adapters, checkpoints, logs, results, weights and the WHU tile index are all written this
+way, so an interrupted job never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import save as save_safetensors
 
 
 def _umask() -> int:
@@ -54,3 +58,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def tensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (tensors detached, moved to the CPU, made contiguous)."""
+    return save_safetensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Writes a state dict as one safetensors file, atomically."""
+    atomic_write_bytes(path, tensors_bytes(tensors))
