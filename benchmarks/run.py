@@ -27,6 +27,7 @@ import timm
 import torch
 
 from gopt_adapter import GoptAdapter, count_parameters, save_adapter
+from gopt_adapter.backbone import create_backbone
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.datasets import DATASETS, get_dataset
 from gopt_adapter.engine import (
@@ -170,11 +171,8 @@ def _check_setting_types(raw: dict[str, Any]) -> None:
 
 def build_backbone(config: RunConfig) -> torch.nn.Module:
     """The timm backbone with the user's weights, ready for dense prediction at any size."""
-    kwargs = {"num_classes": 0, "dynamic_img_size": True, **config.backbone_kwargs}
-    if config.weights:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(Path(config.weights).resolve())))
     try:
-        model = timm.create_model(config.backbone, **kwargs)
+        model = create_backbone(config.backbone, config.weights, config.backbone_kwargs)
     except RuntimeError as exc:  # state-dict mismatch
         if not config.weights:
             raise UsageError(f"cannot create backbone {config.backbone!r}: {str(exc).splitlines()[0]}") from None

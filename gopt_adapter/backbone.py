@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,6 +103,34 @@ class BackboneSpec:
         data = asdict(self)
         data["patch_size"] = list(self.patch_size)
         return data
+
+
+def create_backbone(name: str, weights: str | os.PathLike | None = None,
+                    backbone_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``timm.create_model`` for dense prediction at any size, in eval mode, with local weights
+    (safetensors or ``.pth``) if given and no classifier (``num_classes=0``).
+
+    Models that have no ``dynamic_img_size`` option (Beit) are built at their fixed
+    ``img_size``. Raises ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError``
+    (weights that do not fit) with timm's message.
+    """
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0, **(backbone_kwargs or {})}
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {weights} not found")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())))
+    else:
+        kwargs["pretrained"] = False
+    if "dynamic_img_size" not in kwargs:
+        try:
+            return timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
+        except TypeError as exc:
+            if "dynamic_img_size" not in str(exc):
+                raise
+    return timm.create_model(name, **kwargs).eval()
 
 
 def _block_width(block: nn.Module) -> int | None:

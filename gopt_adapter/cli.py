@@ -361,7 +361,8 @@ def _pair_error(exc: Exception) -> CliError:
 
 def _predict(args: argparse.Namespace) -> int:
     from .adapter_io import AdapterError, read_adapter_file
-    from .predict import (build_backbone, find_pairs, load_segmenter, parse_json_kwargs, predict_labels, read_pair,
+    from .backbone import create_backbone
+    from .predict import (find_pairs, load_segmenter, parse_json_kwargs, predict_labels, read_pair,
                           resolve_class_names, write_prediction)
 
     if args.pairs_dir and args.inputs:
@@ -412,7 +413,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     first = read(*jobs[0][1:])  # a bad input is reported before the backbone is built
     try:
-        model = build_backbone(args.backbone, args.weights, backbone_kwargs)
+        model = create_backbone(args.backbone, args.weights, backbone_kwargs)
     except FileNotFoundError as exc:
         raise CliError(str(exc), "Check the --weights path") from None
     except (RuntimeError, TypeError, ValueError) as exc:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from .adapter_io import load_adapter, save_adapter
+from .backbone import create_backbone
 from .baselines import build_variant
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
@@ -68,10 +68,7 @@ def class_miou(metrics: dict[str, Any], classes) -> float:
 
 def build_foundation_backbone(config: DemoConfig, weights: str | Path | None = None) -> torch.nn.Module:
     """The demo's small ViT: random (seeded by the caller) or holding ``weights`` (safetensors)."""
-    if weights is None:
-        return timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
-    return timm.create_model(config.backbone, pretrained=True, num_classes=0,
-                             pretrained_cfg_overlay=dict(file=str(weights)), **config.backbone_kwargs)
+    return create_backbone(config.backbone, weights, config.backbone_kwargs)
 
 
 def train_foundation(config: DemoConfig, weights: str | Path, progress: bool = True):

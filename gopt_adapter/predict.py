@@ -46,7 +46,6 @@ from .visualize import class_palette, colorize_aux, make_panel
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImagePair",
-    "build_backbone",
     "load_segmenter",
     "resolve_class_names",
     "read_pair",
@@ -78,32 +77,6 @@ class ImagePair:
 
 
 # --------------------------------------------------------------------------- model
-def build_backbone(name: str, weights: str | None = None, backbone_kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
-    """``timm.create_model`` for dense prediction at any size, with local weights if given.
-
-    Models that have no ``dynamic_img_size`` option (Beit) are built at their fixed
-    ``img_size``. Raises ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError``
-    (weights that do not fit) with timm's message.
-    """
-    import timm
-
-    kwargs: dict[str, Any] = {"num_classes": 0, **(backbone_kwargs or {})}
-    if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {weights} not found")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())))
-    else:
-        kwargs["pretrained"] = False
-    if "dynamic_img_size" not in kwargs:
-        try:
-            return timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
-        except TypeError as exc:
-            if "dynamic_img_size" not in str(exc):
-                raise
-    return timm.create_model(name, **kwargs).eval()
-
-
 def load_segmenter(model: torch.nn.Module, adapter: str | Path | AdapterFile,
                    allow_backbone_mismatch: bool = False) -> tuple[GoptSegmenter, AdapterFile]:
     """Wraps ``model`` with the adapter in one ``.safetensors`` file (or an already read one).

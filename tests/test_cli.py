@@ -428,11 +428,11 @@ def test_output_path_errors_are_one_line(files, depth_pair, tmp_path, capsys):
 
 def test_fixed_size_backbone_and_other_image_size_is_one_line(depth_pair, tmp_path, capsys):
     """A Beit (fixed 64x64 input) runs on 64x64 images; on the 48x64 pair the error is one line."""
-    from gopt_adapter.predict import build_backbone
+    from gopt_adapter.backbone import create_backbone
 
     kwargs = dict(TINY)
     adapter = tmp_path / "beit.safetensors"
-    make_adapter(adapter, build_backbone("beit_base_patch16_224", None, kwargs))
+    make_adapter(adapter, create_backbone("beit_base_patch16_224", None, kwargs))
     args = ["predict", "--backbone", "beit_base_patch16_224", "--backbone-kwargs", json.dumps(kwargs),
             "--adapter", str(adapter), "--allow-backbone-mismatch", "--no-progress"]
     square = tmp_path / "square.png"
