@@ -22,6 +22,8 @@ from .model import GoptSegmenter
 
 INPUT_NAMES = ("rgb", "aux")
 OUTPUT_NAME = "logits"
+#: Largest ``|onnxruntime - PyTorch|`` over fp32 logits that counts as parity.
+PARITY_TOLERANCE = 1e-4
 #: Example batch of the traced graph; 2, not 1: ``torch.export`` fixes axes of size 1.
 TRACE_BATCH = 2
 
@@ -117,4 +119,4 @@ def onnx_max_difference(path: str | os.PathLike, segmenter: GoptSegmenter, rgb: 
     return float((torch.from_numpy(logits).float() - expected).abs().max())
 
 
-__all__ = ["export_onnx", "onnx_max_difference", "example_inputs"]
+__all__ = ["PARITY_TOLERANCE", "export_onnx", "onnx_max_difference", "example_inputs"]

@@ -1,0 +1,171 @@
+"""Serving many tasks from one resident backbone: mixed-task batches against per-task batches.
+
+    python -m benchmarks.serve --doc docs/performance.md     # ViT-S and ViT-B, 224 and 480x640
+    python -m benchmarks.serve --quick                        # a tiny ViT at 64x64, seconds
+
+For each backbone and image size, one segmenter holds ``max(--tasks)`` GoPT adapters
+(40 classes, a prompter before every block). For each batch size ``B`` and task count ``T``
+(samples dealt to the tasks in turn; a batch of 8 over 16 tasks holds 8 of them):
+
+- **mixed**: one :meth:`~gopt_adapter.GoptSegmenter.forward_mixed` over the ``B`` samples;
+- **per task**: what a server without mixed batches does, ``set_adapter`` and one forward
+  per task present, over that task's samples.
+
+Both run in the same round, alternating, after a warm-up forward; each figure is the median
+of the rounds, and the ratio is taken inside the run. Also: the latency of one request
+(batch 1, ``forward_mixed`` with one name; p50/p95 over ``--requests``), the memory each
+extra resident task adds (bytes of its adapter's tensors: the backbone is shared), and the
+``set_adapter`` / ``load_adapter`` times (``benchmarks.perf.measure_swaps``). CPU fp32,
+inference mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import timm
+import torch
+
+from gopt_adapter import GoptConfig, apply_gopt
+
+from .markdown import invocation, write_section
+from .perf import Row, measure_swaps
+
+MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
+#: Sizes with at least this many pixels use ``--large-repeats`` rounds (ViT-B at 480x640 and
+#: batch 32 takes about half a minute per forward on two cores).
+LARGE_PIXELS = 300_000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", default=["224x224", "480x640"], metavar="HxW")
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--num-classes", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of mixed vs per-task at small sizes")
+    parser.add_argument("--large-repeats", type=int, default=1,
+                        help=f"rounds at sizes of {LARGE_PIXELS:,} pixels or more")
+    parser.add_argument("--requests", type=int, default=20, help="single requests timed for the latency")
+    parser.add_argument("--swap-repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="a 2-block ViT at 64x64: checks the code path")
+    parser.add_argument("--doc", help="also write the tables into this Markdown file (e.g. docs/performance.md)")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
+    except ValueError:
+        parser.error(f"--sizes takes HxW values such as 480x640, got {args.sizes}")
+    if args.quick:
+        args.models, args.sizes, args.batches, args.tasks = ["quick"], [(64, 64)], [4], [1, 2]
+        args.repeats, args.requests, args.swap_repeats = 1, 3, 3
+    return args
+
+
+def build(name: str, tasks: int, num_classes: int):
+    """One backbone with ``tasks`` adapters: ``default`` (the first) and ``task1``..."""
+    torch.manual_seed(0)
+    if name == "quick":
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                                embed_dim=32, depth=2, num_heads=2, img_size=64)
+    else:
+        vit = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    segmenter = apply_gopt(vit, aux_channels=1, num_classes=num_classes)
+    for index in range(1, tasks):
+        segmenter.add_adapter(f"task{index}", GoptConfig(aux_channels=1, num_classes=num_classes))
+    return segmenter.eval()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def per_task(segmenter, rgb, aux, names) -> None:
+    """The server without mixed batches: one forward per task, over that task's samples."""
+    for name in dict.fromkeys(names):
+        samples = [i for i, n in enumerate(names) if n == name]
+        segmenter.set_adapter(name)
+        segmenter(rgb[samples], aux[samples])
+
+
+def adapter_bytes(adapter: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*adapter.parameters(), *adapter.buffers()))
+
+
+def measure(args, model: str, size: tuple[int, int]) -> str:
+    tasks = list(dict.fromkeys(["default"] + [f"task{i}" for i in range(1, max(args.tasks))]))
+    segmenter = build(model, len(tasks), args.num_classes)
+    repeats = args.large_repeats if size[0] * size[1] >= LARGE_PIXELS else args.repeats
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        one_rgb, one_aux = torch.randn(1, 3, *size, generator=generator), torch.randn(1, 1, *size, generator=generator)
+        segmenter.forward_mixed(one_rgb, one_aux, ["default"])  # warm-up
+        segmenter(one_rgb, one_aux)
+        for batch in args.batches:
+            rgb = torch.randn(batch, 3, *size, generator=generator)
+            aux = torch.randn(batch, 1, *size, generator=generator)
+            for count in args.tasks:
+                names = [tasks[i % count] for i in range(batch)]
+                mixed, sequential = [], []
+                for _ in range(repeats):
+                    mixed.append(timed(lambda: segmenter.forward_mixed(rgb, aux, names)))
+                    sequential.append(timed(lambda: per_task(segmenter, rgb, aux, names)))
+                segmenter.set_adapter("default")
+                rows.append((batch, count, len(set(names)), statistics.median(mixed), statistics.median(sequential)))
+        latency = []
+        for index in range(args.requests):
+            name = tasks[index % len(tasks)]
+            latency.append(timed(lambda: segmenter.forward_mixed(one_rgb, one_aux, [name])))
+    swaps = measure_swaps([Row("gopt", segmenter, 0, 0, [], [])], args.swap_repeats, one_rgb, one_aux)
+    backbone = sum(t.numel() * t.element_size() for t in (*segmenter.backbone.parameters(),
+                                                          *segmenter.backbone.buffers()))
+    per_adapter = adapter_bytes(segmenter.adapter)
+    p50, p95 = (1e3 * value for value in torch.tensor(latency).quantile(torch.tensor([0.5, 0.95])).tolist())
+
+    label = "2-block ViT (embed 32)" if model == "quick" else f"`{model}`"
+    lines = [
+        f"### {label}, {size[0]}x{size[1]}",
+        "",
+        f"{len(tasks)} resident tasks ({args.num_classes} classes, a prompter before every block); median of "
+        f"{repeats} round(s), mixed and per-task alternating.",
+        "",
+        "| batch | tasks (in the batch) | mixed batch | per-task batches | mixed / per-task |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for batch, count, present, mixed, sequential in rows:
+        tasks_cell = f"{count}" if present == count else f"{count} ({present})"
+        lines.append(f"| {batch} | {tasks_cell} | {mixed:.3f} s | {sequential:.3f} s | {mixed / sequential:.2f} |")
+    lines += [
+        "",
+        f"One request (batch 1): p50 {p50:.1f} ms, p95 {p95:.1f} ms over {args.requests}. "
+        f"Each extra resident task: {per_adapter / 1e6:.2f} MB (the shared backbone: {backbone / 1e6:.1f} MB). "
+        f"`set_adapter` {swaps['set_adapter_ms']:.3f} ms, `load_adapter` {swaps['load_adapter_ms']:.2f} ms "
+        f"(median of {args.swap_repeats}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    sections = []
+    for model in args.models:
+        for size in args.sizes:
+            sections.append(measure(args, model, size))
+            print(sections[-1], flush=True)
+    header = (f"CPU fp32, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch "
+              f"{torch.__version__}, measured {time.strftime('%Y-%m-%d')} in {time.perf_counter() - started:.0f} s.")
+    text = header + "\n\n" + "\n".join(sections)
+    if args.doc:
+        write_section(args.doc, "serve", invocation("benchmarks.serve", argv), text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
