@@ -11,8 +11,9 @@ For each backbone and image size, one segmenter holds ``max(--tasks)`` GoPT adap
 - **per task**: what a server without mixed batches does, ``set_adapter`` and one forward
   per task present, over that task's samples.
 
-Both run in the same round, alternating, after a warm-up forward; each figure is the median
-of the rounds, and the ratio is taken inside the run. Also: the latency of one request
+Both run in every round, which of them goes first alternating, after a warm-up forward;
+each figure is the median of the rounds, and the ratio is taken inside the run. With one
+task the two compute the same thing, so that row shows the noise of the measurement. Also: the latency of one request
 (batch 1, ``forward_mixed`` with one name; p50/p95 over ``--requests``), the memory each
 extra resident task adds (bytes of its adapter's tensors: the backbone is shared), and the
 ``set_adapter`` / ``load_adapter`` times (``benchmarks.perf.measure_swaps``). CPU fp32,
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"rounds at sizes of {LARGE_PIXELS:,} pixels or more")
     parser.add_argument("--requests", type=int, default=20, help="single requests timed for the latency")
     parser.add_argument("--swap-repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--quick", action="store_true", help="a 2-block ViT at 64x64: checks the code path")
     parser.add_argument("--doc", help="also write the tables into this Markdown file (e.g. docs/performance.md)")
     args = parser.parse_args(argv)
@@ -113,9 +115,12 @@ def measure(args, model: str, size: tuple[int, int]) -> str:
             for count in args.tasks:
                 names = [tasks[i % count] for i in range(batch)]
                 mixed, sequential = [], []
-                for _ in range(repeats):
-                    mixed.append(timed(lambda: segmenter.forward_mixed(rgb, aux, names)))
-                    sequential.append(timed(lambda: per_task(segmenter, rgb, aux, names)))
+                for round_ in range(repeats):  # which goes first alternates: no order bias
+                    for kind in ("mixed", "per task") if round_ % 2 == 0 else ("per task", "mixed"):
+                        if kind == "mixed":
+                            mixed.append(timed(lambda: segmenter.forward_mixed(rgb, aux, names)))
+                        else:
+                            sequential.append(timed(lambda: per_task(segmenter, rgb, aux, names)))
                 segmenter.set_adapter("default")
                 rows.append((batch, count, len(set(names)), statistics.median(mixed), statistics.median(sequential)))
         latency = []
@@ -152,18 +157,25 @@ def measure(args, model: str, size: tuple[int, int]) -> str:
 
 
 def main(argv=None) -> str:
+    """Measures every model and size, cheapest first; with ``--doc`` the section is rewritten
+    after each one, so a run stopped early still leaves what it measured (the header says how
+    many configurations that is)."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = sorted(((m, s) for m in args.models for s in args.sizes),
+                     key=lambda c: (c[1][0] * c[1][1], args.models.index(c[0])))
     started = time.perf_counter()
-    sections = []
-    for model in args.models:
-        for size in args.sizes:
-            sections.append(measure(args, model, size))
-            print(sections[-1], flush=True)
-    header = (f"CPU fp32, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch "
-              f"{torch.__version__}, measured {time.strftime('%Y-%m-%d')} in {time.perf_counter() - started:.0f} s.")
-    text = header + "\n\n" + "\n".join(sections)
-    if args.doc:
-        write_section(args.doc, "serve", invocation("benchmarks.serve", argv), text)
+    sections: list[str] = []
+    for model, size in configs:
+        sections.append(measure(args, model, size))
+        print(sections[-1], flush=True)
+        header = (f"CPU fp32, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch "
+                  f"{torch.__version__}, measured {time.strftime('%Y-%m-%d')}: {len(sections)} of {len(configs)} "
+                  f"configurations in {time.perf_counter() - started:.0f} s.")
+        text = header + "\n\n" + "\n".join(sections)
+        if args.doc:
+            write_section(args.doc, "serve", invocation("benchmarks.serve", argv), text)
     return text
 
 

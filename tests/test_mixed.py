@@ -127,3 +127,17 @@ def test_errors_name_the_sample_and_the_adapter():
     segmenter.train()
     with pytest.raises(RuntimeError, match=r"inference only.*eval\(\).*BatchNorm"):
         segmenter.forward_mixed(rgb, [torch.randn(1, *SIZE), torch.randn(2, *SIZE)], ["t0", "t1"])
+
+
+def test_serving_benchmark_quick_writes_its_section(tmp_path):
+    from benchmarks import serve
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nprose stays\n")
+    text = serve.main(["--quick", "--doc", str(doc)])
+    written = doc.read_text()
+    assert written.startswith("# Performance\n\nprose stays\n") and "<!-- serve begin -->" in written
+    assert "python -m benchmarks.serve --quick --doc" in written and text.strip() in written
+    rows = [line for line in text.splitlines() if line.startswith("| 4 |")]
+    assert len(rows) == 2 and "1 of 1 configurations" in text  # batch 4 over 1 and 2 tasks
+    assert "p50" in text and "set_adapter" in text and "Each extra resident task" in text
