@@ -33,12 +33,13 @@ import torch
 from gopt_adapter import GoptConfig, apply_gopt
 
 from .markdown import invocation, write_section
-from .perf import Row, measure_swaps
+from .perf import Row, measure_swaps, median_time
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 #: Sizes with at least this many pixels use ``--large-repeats`` rounds (ViT-B at 480x640 and
 #: batch 32 takes about half a minute per forward on two cores).
 LARGE_PIXELS = 300_000
+CPU = torch.device("cpu")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,9 +83,7 @@ def build(name: str, tasks: int, num_classes: int):
 
 
 def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return median_time(fn, CPU)  # one timed call
 
 
 def per_task(segmenter, rgb, aux, names) -> None:
@@ -95,8 +94,9 @@ def per_task(segmenter, rgb, aux, names) -> None:
         segmenter(rgb[samples], aux[samples])
 
 
-def adapter_bytes(adapter: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*adapter.parameters(), *adapter.buffers()))
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def measure(args, model: str, size: tuple[int, int]) -> str:
@@ -128,9 +128,7 @@ def measure(args, model: str, size: tuple[int, int]) -> str:
             name = tasks[index % len(tasks)]
             latency.append(timed(lambda: segmenter.forward_mixed(one_rgb, one_aux, [name])))
     swaps = measure_swaps([Row("gopt", segmenter, 0, 0, [], [])], args.swap_repeats, one_rgb, one_aux)
-    backbone = sum(t.numel() * t.element_size() for t in (*segmenter.backbone.parameters(),
-                                                          *segmenter.backbone.buffers()))
-    per_adapter = adapter_bytes(segmenter.adapter)
+    backbone, per_adapter = resident_bytes(segmenter.backbone), resident_bytes(segmenter.adapter)
     p50, p95 = (1e3 * value for value in torch.tensor(latency).quantile(torch.tensor([0.5, 0.95])).tolist())
 
     label = "2-block ViT (embed 32)" if model == "quick" else f"`{model}`"
