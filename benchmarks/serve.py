@@ -99,81 +99,111 @@ def resident_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def measure(args, model: str, size: tuple[int, int]) -> str:
-    tasks = list(dict.fromkeys(["default"] + [f"task{i}" for i in range(1, max(args.tasks))]))
-    segmenter = build(model, len(tasks), args.num_classes)
+def task_names(args) -> list[str]:
+    return ["default"] + [f"task{i}" for i in range(1, max(args.tasks))]
+
+
+def measure_batch(args, segmenter, size: tuple[int, int], batch: int) -> list[tuple]:
+    """``(batch, tasks, tasks present, mixed s, per-task s)`` for each task count."""
+    tasks = task_names(args)
     repeats = args.large_repeats if size[0] * size[1] >= LARGE_PIXELS else args.repeats
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(batch)
+    rgb, aux = torch.randn(batch, 3, *size, generator=generator), torch.randn(batch, 1, *size, generator=generator)
     rows = []
     with torch.inference_mode():
-        one_rgb, one_aux = torch.randn(1, 3, *size, generator=generator), torch.randn(1, 1, *size, generator=generator)
-        segmenter.forward_mixed(one_rgb, one_aux, ["default"])  # warm-up
-        segmenter(one_rgb, one_aux)
-        for batch in args.batches:
-            rgb = torch.randn(batch, 3, *size, generator=generator)
-            aux = torch.randn(batch, 1, *size, generator=generator)
-            for count in args.tasks:
-                names = [tasks[i % count] for i in range(batch)]
-                mixed, sequential = [], []
-                for round_ in range(repeats):  # which goes first alternates: no order bias
-                    for kind in ("mixed", "per task") if round_ % 2 == 0 else ("per task", "mixed"):
-                        if kind == "mixed":
-                            mixed.append(timed(lambda: segmenter.forward_mixed(rgb, aux, names)))
-                        else:
-                            sequential.append(timed(lambda: per_task(segmenter, rgb, aux, names)))
-                segmenter.set_adapter("default")
-                rows.append((batch, count, len(set(names)), statistics.median(mixed), statistics.median(sequential)))
-        latency = []
+        segmenter.forward_mixed(rgb[:1], aux[:1], ["default"])  # warm-up of both paths
+        segmenter(rgb[:1], aux[:1])
+        for count in args.tasks:
+            names = [tasks[i % count] for i in range(batch)]
+            mixed, sequential = [], []
+            for round_ in range(repeats):  # which goes first alternates: no order bias
+                for kind in ("mixed", "per task") if round_ % 2 == 0 else ("per task", "mixed"):
+                    if kind == "mixed":
+                        mixed.append(timed(lambda: segmenter.forward_mixed(rgb, aux, names)))
+                    else:
+                        sequential.append(timed(lambda: per_task(segmenter, rgb, aux, names)))
+            segmenter.set_adapter("default")
+            rows.append((batch, count, len(set(names)), statistics.median(mixed), statistics.median(sequential)))
+    return rows
+
+
+def measure_serving(args, segmenter, size: tuple[int, int]) -> dict[str, float]:
+    """Single-request latency, memory per resident task, swap times."""
+    tasks = task_names(args)
+    generator = torch.Generator().manual_seed(1)
+    rgb, aux = torch.randn(1, 3, *size, generator=generator), torch.randn(1, 1, *size, generator=generator)
+    latency = []
+    with torch.inference_mode():
+        segmenter.forward_mixed(rgb, aux, ["default"])  # warm-up
         for index in range(args.requests):
             name = tasks[index % len(tasks)]
-            latency.append(timed(lambda: segmenter.forward_mixed(one_rgb, one_aux, [name])))
-    swaps = measure_swaps([Row("gopt", segmenter, 0, 0, [], [])], args.swap_repeats, one_rgb, one_aux)
-    backbone, per_adapter = resident_bytes(segmenter.backbone), resident_bytes(segmenter.adapter)
-    p50, p95 = (1e3 * value for value in torch.tensor(latency).quantile(torch.tensor([0.5, 0.95])).tolist())
+            latency.append(timed(lambda: segmenter.forward_mixed(rgb, aux, [name])))
+    swaps = measure_swaps([Row("gopt", segmenter, 0, 0, [], [])], args.swap_repeats, rgb, aux)
+    p50, p95 = torch.tensor(latency).quantile(torch.tensor([0.5, 0.95])).tolist()
+    return {"p50_ms": 1e3 * p50, "p95_ms": 1e3 * p95, "task_mb": resident_bytes(segmenter.adapter) / 1e6,
+            "backbone_mb": resident_bytes(segmenter.backbone) / 1e6, **swaps}
 
-    label = "2-block ViT (embed 32)" if model == "quick" else f"`{model}`"
+
+def label(model: str) -> str:
+    return "2-block ViT (embed 32)" if model == "quick" else f"`{model}`"
+
+
+def report(args, batches: dict, serving: dict, done: int, total: int, seconds: float) -> str:
+    """Both tables as Markdown, with what was measured of what was asked."""
     lines = [
-        f"### {label}, {size[0]}x{size[1]}",
+        f"CPU fp32, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, measured {time.strftime('%Y-%m-%d')}; {max(args.tasks)} resident tasks per backbone "
+        f"({args.num_classes} classes, a prompter before every block); median of {args.repeats} round(s) "
+        f"({args.large_repeats} at {LARGE_PIXELS:,} pixels or more), mixed and per-task alternating. "
+        f"{done} of {total} measurements done in {seconds:.0f} s.",
         "",
-        f"{len(tasks)} resident tasks ({args.num_classes} classes, a prompter before every block); median of "
-        f"{repeats} round(s), mixed and per-task alternating.",
-        "",
-        "| batch | tasks (in the batch) | mixed batch | per-task batches | mixed / per-task |",
-        "|---:|---:|---:|---:|---:|",
+        "| backbone | size | batch | tasks (in the batch) | mixed batch | per-task batches | mixed / per-task |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for batch, count, present, mixed, sequential in rows:
-        tasks_cell = f"{count}" if present == count else f"{count} ({present})"
-        lines.append(f"| {batch} | {tasks_cell} | {mixed:.3f} s | {sequential:.3f} s | {mixed / sequential:.2f} |")
+    for (model, size), rows in batches.items():
+        for batch, count, present, mixed, sequential in sorted(rows):
+            tasks_cell = f"{count}" if present == count else f"{count} ({present})"
+            lines.append(f"| {label(model)} | {size[0]}x{size[1]} | {batch} | {tasks_cell} | {mixed:.3f} s | "
+                         f"{sequential:.3f} s | {mixed / sequential:.2f} |")
     lines += [
         "",
-        f"One request (batch 1): p50 {p50:.1f} ms, p95 {p95:.1f} ms over {args.requests}. "
-        f"Each extra resident task: {per_adapter / 1e6:.2f} MB (the shared backbone: {backbone / 1e6:.1f} MB). "
-        f"`set_adapter` {swaps['set_adapter_ms']:.3f} ms, `load_adapter` {swaps['load_adapter_ms']:.2f} ms "
-        f"(median of {args.swap_repeats}).",
+        f"| backbone | size | one request p50 | p95 (of {args.requests}) | each extra task | shared backbone | "
+        f"`set_adapter` | `load_adapter` |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    for (model, size), row in serving.items():
+        lines.append(f"| {label(model)} | {size[0]}x{size[1]} | {row['p50_ms']:.1f} ms | {row['p95_ms']:.1f} ms | "
+                     f"{row['task_mb']:.2f} MB | {row['backbone_mb']:.1f} MB | {row['set_adapter_ms']:.3f} ms | "
+                     f"{row['load_adapter_ms']:.2f} ms |")
+    lines += ["", f"Swap times: median of {args.swap_repeats}."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> str:
-    """Measures every model and size, cheapest first; with ``--doc`` the section is rewritten
-    after each one, so a run stopped early still leaves what it measured (the header says how
-    many configurations that is)."""
+    """Measures the first batch size (and latency, memory, swaps) for every backbone and size,
+    cheapest first, then the other batch sizes. With ``--doc`` the section is rewritten after
+    each step, so a run stopped early still leaves what it measured, and says how much."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = sorted(((m, s) for m in args.models for s in args.sizes),
                      key=lambda c: (c[1][0] * c[1][1], args.models.index(c[0])))
+    steps = [(batch, model, size) for batch in args.batches for model, size in configs]
     started = time.perf_counter()
-    sections: list[str] = []
-    for model, size in configs:
-        sections.append(measure(args, model, size))
-        print(sections[-1], flush=True)
-        header = (f"CPU fp32, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch "
-                  f"{torch.__version__}, measured {time.strftime('%Y-%m-%d')}: {len(sections)} of {len(configs)} "
-                  f"configurations in {time.perf_counter() - started:.0f} s.")
-        text = header + "\n\n" + "\n".join(sections)
+    batches: dict = {config: [] for config in configs}
+    serving: dict = {}
+    text = ""
+    for done, (batch, model, size) in enumerate(steps, start=1):
+        segmenter = build(model, max(args.tasks), args.num_classes)  # seeded: the same model every step
+        batches[(model, size)] += measure_batch(args, segmenter, size, batch)
+        if (model, size) not in serving:
+            serving[(model, size)] = measure_serving(args, segmenter, size)
+        text = report(args, {c: r for c, r in batches.items() if r}, serving, done, len(steps),
+                      time.perf_counter() - started)
+        print(f"[{done}/{len(steps)}] {model} {size[0]}x{size[1]} batch {batch}", flush=True)
         if args.doc:
             write_section(args.doc, "serve", invocation("benchmarks.serve", argv), text)
+    print(text)
     return text
 
 
