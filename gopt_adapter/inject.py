@@ -54,18 +54,19 @@ class PromptContext:
     def apply(self, block_index: int, x: torch.Tensor) -> torch.Tensor:
         """A block input ``[B, ...]`` with every route's prompts written into its samples.
 
-        Routes whose adapter has no prompter before this block (other intervals) leave their
-        samples as they are; the others' prompted rows go back in one out-of-place copy.
+        An adapter's ``prompt`` returns its input itself where it has no prompter before this
+        block (other intervals): those samples stay as they are; the other routes' prompted
+        rows go back in one out-of-place copy.
         """
         written: list[tuple[torch.Tensor, torch.Tensor]] = []
         for route in self.routes:
-            if block_index not in route.adapter.block_indices:
-                continue
             if route.samples is None:
                 x, route.state = route.adapter.prompt(block_index, x, route.state)
-            else:
-                prompted, route.state = route.adapter.prompt(block_index, x[route.samples], route.state)
-                written.append((route.samples, prompted))  # [n], [n, ...]
+                continue
+            rows = x[route.samples]  # [n, ...]
+            prompted, route.state = route.adapter.prompt(block_index, rows, route.state)
+            if prompted is not rows:
+                written.append((route.samples, prompted))
         if written:
             samples, rows = zip(*written)
             x = x.index_copy(0, torch.cat(samples), torch.cat(rows))
