@@ -12,6 +12,7 @@ from .adapter import GoptAdapter
 from .adapter_io import AdapterError, load_adapter, read_adapter_file, save_adapter
 from .backbone import BackboneSpec
 from .config import GoptConfig
+from .export import export_onnx
 from .model import GoptSegmenter, apply_gopt, remove_gopt
 from .parameters import ParameterCount, count_parameters
 from .preprocessing import Preprocessing
@@ -26,6 +27,7 @@ __all__ = [
     "Preprocessing",
     "apply_gopt",
     "count_parameters",
+    "export_onnx",
     "load_adapter",
     "read_adapter_file",
     "remove_gopt",

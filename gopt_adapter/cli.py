@@ -1,4 +1,4 @@
-"""The ``gopt`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``inspect``.
+"""The ``gopt`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``inspect``, ``export``.
 
 Errors a person can act on (a missing or undecodable image, RGB and aux of different
 sizes, an adapter made for another backbone, a bad option, any ``OSError`` or
@@ -146,6 +146,30 @@ the logits are cropped back to the input size.""",
     ins.add_argument("file", help="adapter file (.safetensors), or a save_pretrained folder")
     ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ins.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+    ex = commands.add_parser(
+        "export", help="export an adapter with its backbone as one ONNX model and check it against PyTorch",
+        description="Rebuilds the backbone as gopt predict does, wraps it with the adapter and writes the segmenter "
+                    "(eval mode) as ONNX: inputs rgb [B, 3, H, W] and aux [B, C, H, W], output logits [B, K, H, W], "
+                    "the batch axis dynamic. Before reporting success it runs ONNX Runtime (CPU) on a random "
+                    "input and prints the largest difference from PyTorch's logits; the file is only written if "
+                    "that is within 1e-4. Needs the export extra: pip install 'gopt-adapter[export]'.",
+        epilog="example: gopt export --backbone vit_base_patch16_224.mae --weights mae.pth --adapter nyu.safetensors "
+               "--size 480 640 --dynamic-size -o nyu.onnx")
+    ex.add_argument("--adapter", required=True, help="adapter file (.safetensors) written by save_adapter")
+    ex.add_argument("--backbone", help="timm model name of the backbone the adapter was trained on (default: the "
+                                       "name recorded in the adapter file, where it has one)")
+    ex.add_argument("--weights", help="backbone weights file (.safetensors/.pth) the adapter was trained on")
+    ex.add_argument("--backbone-kwargs", metavar="JSON", help="extra timm.create_model arguments as a JSON object")
+    ex.add_argument("--allow-backbone-mismatch", action="store_true",
+                    help="export even if the backbone weights differ from those the adapter was trained on")
+    ex.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
+                    help="image size of the graph (the traced size with --dynamic-size)")
+    ex.add_argument("--dynamic-size", action="store_true",
+                    help="make H and W dynamic axes (backbones built with dynamic_img_size, as gopt predict does)")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ex.add_argument("-o", "--out", required=True, help="the .onnx file to write (its folder must exist)")
+    ex.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
 
@@ -164,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_demo(replace(DemoConfig(), mode=args.mode, out=args.out, seed=args.seed),
                               progress=not args.no_progress)
             return 0 if result["reloaded_identical"] else 1
-        handlers = {"eval": _eval, "predict": _predict, "inspect": _inspect}
+        handlers = {"eval": _eval, "predict": _predict, "inspect": _inspect, "export": _export}
         return handlers[args.command](args)
     except KeyboardInterrupt:
         if debug:
@@ -565,6 +589,82 @@ def _inspect(args: argparse.Namespace) -> int:
         inner = max(len(k) for k in section)
         for key, value in section.items():
             print(f"  {key:<{inner}}  {value}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def _export(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from .adapter_io import AdapterError, read_adapter_file
+    from .backbone import create_backbone
+    from .export import PARITY_TOLERANCE, example_inputs, export_onnx, onnx_max_difference
+    from .predict import load_segmenter, parse_json_kwargs
+
+    height, width = args.size
+    if height < 1 or width < 1:
+        raise CliError(f"--size {height} {width} is not a positive image size", "Give H W, e.g. --size 480 640")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"-o {out} is a folder", "Give the .onnx file to write, e.g. -o model.onnx")
+    if not out.parent.is_dir():
+        raise CliError(f"folder {out.parent} of -o {out} does not exist", "Create it first or write elsewhere")
+    try:
+        file = read_adapter_file(args.adapter)
+    except AdapterError as exc:
+        raise _adapter_error(exc) from None
+    try:
+        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs)
+    except ValueError as exc:
+        raise CliError(str(exc), "See gopt export --help") from None
+    name = args.backbone or getattr(file, "backbone_name", None)
+    if not name:
+        raise CliError(f"{args.adapter} does not record the timm model name of its backbone",
+                       "Give it with --backbone NAME (the model the adapter was trained on)")
+    if args.backbone_kwargs is None:
+        backbone_kwargs = dict(getattr(file, "backbone_kwargs", None) or {})
+    try:
+        model = create_backbone(name, args.weights, backbone_kwargs)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc), "Check the --weights path") from None
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as exc:  # timm's, for weights that do not fit
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CliError(f"cannot build backbone {name!r}: {reason}",
+                       "Check --backbone, --backbone-kwargs and that --weights belong to that model") from None
+    try:
+        segmenter, _ = load_segmenter(model, file, args.allow_backbone_mismatch)
+    except AdapterError as exc:
+        raise _adapter_error(exc, weights_given=bool(args.weights)) from None
+    except TypeError as exc:
+        raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
+
+    # written next to -o first: a model that fails the check never replaces anything
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    os.unlink(tmp)  # export_onnx creates it with the usual mode (mkstemp's is private)
+    try:
+        try:
+            export_onnx(segmenter, tmp, (height, width), dynamic_size=args.dynamic_size, opset=args.opset)
+        except ImportError as exc:
+            raise CliError(str(exc), "Install the export extra") from None
+        ph, pw = segmenter.spec.patch_size
+        sizes = [(height, width)] + ([(height + ph, width + 2 * pw)] if args.dynamic_size else [])
+        checks = []
+        for size in sizes:
+            difference = onnx_max_difference(tmp, segmenter, *example_inputs(segmenter, size, seed=1))
+            checks.append(f"{difference:.2e} at {size[0]}x{size[1]}")
+            if not difference <= PARITY_TOLERANCE:
+                raise CliError(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.3g} at "
+                               f"{size[0]}x{size[1]} (tolerance {PARITY_TOLERANCE:g}); nothing was written",
+                               "Run with --debug and report it, with the backbone name and torch/onnx versions")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    print(f"wrote {out} ({_size(out.stat().st_size)}): inputs rgb [B, 3, {'H' if args.dynamic_size else height}, "
+          f"{'W' if args.dynamic_size else width}], aux [B, {file.config.aux_channels}, ...], output logits "
+          f"[B, {file.config.num_classes}, ...]")
+    print(f"parity with PyTorch (onnxruntime CPU, batch 2): max |difference| {', '.join(checks)}")
     return 0
 
 

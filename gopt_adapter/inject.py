@@ -4,11 +4,13 @@ Each block of ``model.blocks`` is replaced by a :class:`PromptedBlock` that hold
 original block. During a segmenter forward, a :class:`PromptContext` tells the wrappers which
 adapter is active and carries the prompter state from block to block; outside such a forward
 the wrappers are transparent, so the wrapped model still computes the frozen RGB model.
+Several adapters can share one forward, each on its own samples of the batch (a route each).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -21,25 +23,53 @@ if TYPE_CHECKING:
     from .adapter import GoptAdapter
 
 
+@dataclass
+class Route:
+    """One adapter's share of a forward: its samples (``None``: the whole batch) and the
+    prompter state it carries from block to block, for those samples only."""
+
+    adapter: "GoptAdapter"
+    samples: torch.Tensor | None  # int64 [n] batch indices
+    state: PromptState
+
+
 class PromptContext:
-    """Per-forward state shared by the wrapped blocks of one segmenter (not a module)."""
+    """Per-forward state shared by the wrapped blocks of one segmenter (not a module).
+
+    A plain forward has one route over the whole batch; a mixed-task batch
+    (:meth:`GoptSegmenter.forward_mixed`) one route per adapter, over its own samples.
+    """
 
     def __init__(self) -> None:
-        self.adapter: GoptAdapter | None = None
-        self.state: PromptState | None = None
+        self.routes: list[Route] = []
 
     @contextmanager
-    def active(self, adapter: "GoptAdapter", state: PromptState) -> Iterator[None]:
-        self.adapter, self.state = adapter, state
+    def active(self, routes: list[Route]) -> Iterator[None]:
+        self.routes = routes
         try:
             yield
         finally:
-            self.adapter, self.state = None, None
+            self.routes = []
 
     def apply(self, block_index: int, x: torch.Tensor) -> torch.Tensor:
-        if self.adapter is None:
-            return x
-        x, self.state = self.adapter.prompt(block_index, x, self.state)
+        """A block input ``[B, ...]`` with every route's prompts written into its samples.
+
+        An adapter's ``prompt`` returns its input itself where it has no prompter before this
+        block (other intervals): those samples stay as they are; the other routes' prompted
+        rows go back in one out-of-place copy.
+        """
+        written: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for route in self.routes:
+            if route.samples is None:
+                x, route.state = route.adapter.prompt(block_index, x, route.state)
+                continue
+            rows = x[route.samples]  # [n, ...]
+            prompted, route.state = route.adapter.prompt(block_index, rows, route.state)
+            if prompted is not rows:
+                written.append((route.samples, prompted))
+        if written:
+            samples, rows = zip(*written)
+            x = x.index_copy(0, torch.cat(samples), torch.cat(rows))
         return x
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from .adapter_io import (
 from .backbone import BackboneSpec, weights_digest, weights_version
 from .config import GoptConfig
 from .files import atomic_write_bytes
-from .inject import PromptContext, PromptedBlock, is_wrapped, unwrap_blocks, wrap_blocks
+from .inject import PromptContext, PromptedBlock, Route, is_wrapped, unwrap_blocks, wrap_blocks
 
 DEFAULT_ADAPTER = "default"
 CONFIG_NAME = "adapter_config.json"
@@ -75,10 +75,14 @@ class GoptSegmenter(nn.Module):
     def features(self, rgb: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """Last block's patch tokens after the backbone's final norm, ``[B, D, h, w]``."""
         self._check_inputs(rgb, aux)
+        adapter = self.adapter
+        return self._prompted_features(rgb, [Route(adapter, None, adapter.initial_state(aux))])
+
+    def _prompted_features(self, rgb: torch.Tensor, routes: list[Route]) -> torch.Tensor:
+        """The backbone's features ``[B, D, h, w]`` with each route's prompters on its samples."""
         if getattr(self.backbone, "grad_checkpointing", False):
             raise RuntimeError("timm's grad checkpointing replays the prompters; use segmenter.set_grad_checkpointing()")
-        adapter = self.adapter
-        with self._context.active(adapter, adapter.initial_state(aux)):
+        with self._context.active(routes):
             return self.backbone_features(rgb)
 
     def backbone_features(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -110,6 +114,86 @@ class GoptSegmenter(nn.Module):
         if rgb.shape[0] != aux.shape[0] or rgb.shape[2:] != aux.shape[2:]:
             raise ValueError(f"rgb and aux must share batch and spatial size, got {shapes}")
         spec.check_image_size(rgb.shape[2], rgb.shape[3])
+
+    # ----------------------------------------------------------- mixed batches
+    def forward_mixed(self, rgb: torch.Tensor, aux: torch.Tensor | Sequence[torch.Tensor],
+                      adapter_names: Sequence[str]) -> list[torch.Tensor]:
+        """Many tasks in one batch: sample ``i`` runs under adapter ``adapter_names[i]``.
+
+        ``rgb [B, 3, H, W]``; ``aux`` one tensor ``[B, C, H, W]`` when the named adapters
+        share ``C``, else a list of ``B`` tensors ``[C_i, H, W]``. Returns ``B`` logits
+        ``[K_i, H, W]``, each from its sample's adapter's head. The frozen blocks run once
+        over the whole batch; before each block, every adapter with a prompter there prompts
+        its own samples (adapters with other intervals prompt other blocks). The result equals
+        running each sample alone under its adapter, up to the rounding of batched products.
+        Raises ``KeyError`` (unknown adapter) or ``ValueError`` (a length or shape that does
+        not fit) naming the sample and its adapter, and ``RuntimeError`` in training mode.
+        """
+        if self.training:
+            raise RuntimeError(
+                "forward_mixed is inference only: call segmenter.eval() first. In training mode each adapter's "
+                "Gumbel noise and BatchNorm batch statistics would depend on which other tasks share the batch, "
+                "and only the active adapter trains; train one task at a time with set_adapter() and forward()"
+            )
+        names = self._check_mixed(rgb, aux, adapter_names)
+        groups: dict[str, list[int]] = {}
+        for index, name in enumerate(names):
+            groups.setdefault(name, []).append(index)
+        batch = rgb.shape[0]
+        routes = []
+        for name, indices in groups.items():
+            samples = None if len(indices) == batch else torch.tensor(indices, device=rgb.device)
+            if isinstance(aux, torch.Tensor):
+                group_aux = aux if samples is None else aux[samples]
+            else:
+                group_aux = torch.stack([aux[i] for i in indices])  # [n, C, H, W]
+            adapter = self.adapters[name]
+            routes.append(Route(adapter, samples, adapter.initial_state(group_aux)))
+        features = self._prompted_features(rgb, routes)  # [B, D, h, w]
+        outputs: list[torch.Tensor | None] = [None] * batch
+        for indices, route in zip(groups.values(), routes):
+            group = features if route.samples is None else features[route.samples]  # [n, D, h, w]
+            logits = self.upsample(route.adapter.head(group), rgb.shape[-2:])  # [n, K, H, W]
+            for index, sample_logits in zip(indices, logits):
+                outputs[index] = sample_logits
+        return outputs
+
+    def _check_mixed(self, rgb: torch.Tensor, aux: torch.Tensor | Sequence[torch.Tensor],
+                     adapter_names: Sequence[str]) -> list[str]:
+        spec = self.spec
+        if not isinstance(rgb, torch.Tensor) or rgb.ndim != 4 or rgb.shape[1] != spec.in_chans:
+            raise ValueError(f"expected rgb [B, {spec.in_chans}, H, W], got {_shape(rgb)}")
+        batch, size = rgb.shape[0], tuple(rgb.shape[2:])
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise ValueError(f"adapter_names must be a list of B adapter names, got {adapter_names!r}")
+        names = list(adapter_names)
+        if len(names) != batch:
+            raise ValueError(f"{len(names)} adapter names for a batch of {batch} samples: give one name per sample")
+        for index, name in enumerate(names):
+            if name not in self.adapters:
+                raise KeyError(f"sample {index}: no adapter named {name!r}; adapters: {list(self.adapters)}")
+        if isinstance(aux, torch.Tensor):
+            if aux.ndim != 4 or aux.shape[0] != batch or tuple(aux.shape[2:]) != size:
+                raise ValueError(f"expected aux [{batch}, C, {size[0]}, {size[1]}] like rgb {_shape(rgb)} (or a list "
+                                 f"of {batch} tensors [C_i, H, W]), got {_shape(aux)}")
+            samples = [aux[index] for index in range(batch)]
+        elif isinstance(aux, Sequence) and len(aux) == batch:
+            samples = list(aux)
+        else:
+            raise ValueError(f"aux must be a tensor [B, C, H, W] or a list of B={batch} tensors [C_i, H, W], got "
+                             f"{type(aux).__name__}" + (f" of length {len(aux)}" if isinstance(aux, Sequence) else ""))
+        for index, (name, sample) in enumerate(zip(names, samples)):
+            channels = self.adapters[name].config.aux_channels
+            if not isinstance(sample, torch.Tensor) or sample.ndim != 3 or tuple(sample.shape[1:]) != size:
+                raise ValueError(f"sample {index} (adapter {name!r}): expected aux [{channels}, {size[0]}, {size[1]}], "
+                                 f"got {_shape(sample)}")
+            if sample.shape[0] != channels:
+                hint = "" if not isinstance(aux, torch.Tensor) else \
+                    "; for adapters with different aux channels pass aux as a list of tensors [C_i, H, W]"
+                raise ValueError(f"sample {index}: adapter {name!r} takes {channels} aux channel(s), its aux has "
+                                 f"{sample.shape[0]}{hint}")
+        spec.check_image_size(*size)
+        return names
 
     # ------------------------------------------------------------ train/eval
     def train(self, mode: bool = True) -> "GoptSegmenter":
@@ -252,6 +336,10 @@ class GoptSegmenter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active_adapter={self._active!r}"
+
+
+def _shape(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
 
 
 def check_adapter_name(name: str) -> None:

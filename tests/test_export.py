@@ -1,0 +1,147 @@
+"""ONNX export: onnxruntime matches PyTorch on three families, dynamic sizes, the CLI, errors."""
+
+import os
+
+import pytest
+import timm
+import torch
+
+from gopt_adapter import apply_gopt, export_onnx, save_adapter
+from gopt_adapter.cli import main
+from gopt_adapter.export import PARITY_TOLERANCE, example_inputs, onnx_max_difference
+from gopt_adapter.files import write_tensors
+from conftest import make_backbone, perturb_adapter
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def trained(family: str, **options):
+    segmenter = apply_gopt(make_backbone(family), aux_channels=2, num_classes=5, hidden_dim=8, head_channels=16,
+                           **options)
+    perturb_adapter(segmenter, std=0.1)
+    assert all(p.up.weight.abs().sum() > 0 for p in segmenter.adapter.prompters)  # prompts reach the tokens
+    return segmenter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, options, size, dynamic, second", [
+    ("vit", {}, (32, 48), True, (48, 32)),
+    ("eva02", {"interval": 2}, (28, 42), True, (43, 57)),  # rope; padded to the patch grid
+    ("dinov2_reg", {"assignment": "soft"}, (28, 28), False, None),  # register tokens
+])
+def test_onnxruntime_matches_pytorch(tmp_path, family, options, size, dynamic, second):
+    segmenter = trained(family, **options).train()
+    path = export_onnx(segmenter, tmp_path / "model.onnx", size, dynamic_size=dynamic)
+    assert segmenter.training and segmenter.adapter.training  # the mode is restored
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == ["rgb", "aux"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1] == 3  # batch always dynamic
+    assert all(isinstance(d, str) for d in dims[2:]) == dynamic
+    assert dynamic or dims[2:] == list(size)
+    assert onnx_max_difference(path, segmenter, *example_inputs(segmenter, size, batch=3, seed=4)) < PARITY_TOLERANCE
+    if second:
+        assert onnx_max_difference(path, segmenter, *example_inputs(segmenter, second, batch=1, seed=5)) \
+            < PARITY_TOLERANCE
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no temporary file left behind
+
+
+def test_export_refuses_bad_requests_before_tracing(tmp_path):
+    segmenter = trained("vit")
+    with pytest.raises(TypeError, match="GoptSegmenter"):
+        export_onnx(segmenter.backbone, tmp_path / "m.onnx", (32, 32))
+    for size in [(32,), (0, 32), (32.0, 32), "32x32"]:
+        with pytest.raises(ValueError, match="two positive integers"):
+            export_onnx(segmenter, tmp_path / "m.onnx", size)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        export_onnx(segmenter, tmp_path / "m.onnx", (30, 32))
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(segmenter, tmp_path / "m.onnx", (32, 32), opset=9)
+    with pytest.raises(IsADirectoryError):
+        export_onnx(segmenter, tmp_path, (32, 32))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_onnx(segmenter, tmp_path / "missing" / "m.onnx", (32, 32))
+    fixed = apply_gopt(make_backbone("beit"), aux_channels=1, num_classes=2)
+    with pytest.raises(ValueError, match="fixed input size.*dynamic_img_size=True"):
+        export_onnx(fixed, tmp_path / "m.onnx", (64, 64), dynamic_size=True)
+    assert os.listdir(tmp_path) == []
+
+
+TINY_VIT = '{"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 64}'
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """An adapter file and the backbone weights it was trained on, as gopt predict takes them."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                            embed_dim=32, depth=2, num_heads=2, img_size=64)
+    write_tensors(tmp_path / "weights.safetensors", vit.state_dict())
+    segmenter = apply_gopt(vit, aux_channels=1, num_classes=4, hidden_dim=8, head_channels=16)
+    perturb_adapter(segmenter)
+    save_adapter(segmenter, tmp_path / "adapter.safetensors")
+    return ["--adapter", str(tmp_path / "adapter.safetensors"), "--weights", str(tmp_path / "weights.safetensors"),
+            "--backbone", "vit_base_patch16_224", "--backbone-kwargs", TINY_VIT]
+
+
+@pytest.mark.slow
+def test_cli_exports_checks_parity_and_prints_the_difference(tmp_path, saved, capsys):
+    import onnxruntime
+
+    assert main(["export", *saved, "--size", "32", "48", "-o", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "max |difference|" in out and "at 32x48" in out
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"rgb": torch.randn(3, 3, 32, 48).numpy(),
+                                         "aux": torch.randn(3, 1, 32, 48).numpy()})
+    assert logits.shape == (3, 4, 32, 48)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+def test_cli_writes_nothing_when_parity_fails(tmp_path, saved, capsys, monkeypatch):
+    import gopt_adapter.export as export
+
+    monkeypatch.setattr(export, "export_onnx", lambda segmenter, path, *a, **k: open(path, "wb").write(b"x"))
+    monkeypatch.setattr(export, "onnx_max_difference", lambda *a: 0.5)
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    assert main(["export", *saved, "--size", "32", "48", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ONNX Runtime's logits differ") and "nothing was written" in err
+    assert (tmp_path / "m.onnx").read_bytes() == b"old"
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+@pytest.mark.parametrize("weights, extra, message", [
+    (True, ["--size", "30", "48", "--backbone-kwargs", TINY_VIT], "not divisible by the patch size"),
+    (True, ["--size", "0", "48", "--backbone-kwargs", TINY_VIT], "not a positive image size"),
+    (False, ["--size", "64", "64", "--backbone-kwargs", '{"embed_dim": 48, "depth": 2, "num_heads": 2}'],
+     "adapter made for another backbone"),
+    (True, ["--size", "64", "64", "--backbone", "beit_base_patch16_224", "--backbone-kwargs", '{"img_size": 64}'],
+     "cannot build backbone 'beit_base_patch16_224'"),  # ViT weights do not fit a Beit
+])
+def test_cli_errors_are_one_line(tmp_path, saved, capsys, weights, extra, message):
+    argv = saved[:4] if weights else saved[:2]
+    if "--backbone" not in extra:
+        argv = argv + ["--backbone", "vit_base_patch16_224"]
+    assert main(["export", *argv, *extra, "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_errors_for_paths_and_a_missing_backbone_name(tmp_path, saved, capsys):
+    adapter = saved[:2]
+    cases = [
+        (adapter + ["--size", "32", "32", "-o", str(tmp_path / "m.onnx")], "does not record the timm model name"),
+        (saved + ["--size", "32", "32", "-o", str(tmp_path)], "is a folder"),
+        (saved + ["--size", "32", "32", "-o", str(tmp_path / "no" / "m.onnx")], "does not exist"),
+        (["export", "--adapter", str(tmp_path / "none.safetensors"), "--size", "32", "32", "-o", "m.onnx"],
+         "none.safetensors"),
+    ]
+    for argv, message in cases:
+        argv = argv if argv[0] == "export" else ["export", *argv]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
