@@ -42,7 +42,7 @@ class GoptAdapter(nn.Module):
         self.aux_embed = AuxPatchEmbed(config.aux_channels, r, spec.patch_size, spec.dynamic_img_pad)
         self.class_tokens = nn.Parameter(torch.empty(config.groups, r))  # c_m^0, [C, r]
         # stands in for every aux token of a sample without aux (config.aux_dropout > 0 only)
-        self.missing_aux = nn.Parameter(torch.zeros(r)) if config.has_missing_mode else None  # [r]
+        self.missing_aux = nn.Parameter(torch.empty(r)) if config.has_missing_mode else None  # [r]
         self.prompters = nn.ModuleList(GroupingPrompter(config, spec.embed_dim) for _ in self.block_indices)
         self.head = build_head(config.head, spec.num_features, config.num_classes, config.head_channels)
         self.preprocessing = None
@@ -65,7 +65,7 @@ class GoptAdapter(nn.Module):
         xavier_init_(self)
         nn.init.xavier_uniform_(self.class_tokens)
         if self.missing_aux is not None:
-            nn.init.zeros_(self.missing_aux)  # the embedding of "no information"
+            nn.init.trunc_normal_(self.missing_aux, std=0.02)  # near the mean of LayerNorm'd aux tokens
         for prompter in self.prompters:
             nn.init.zeros_(prompter.up.weight)
             nn.init.zeros_(prompter.up.bias)
