@@ -121,8 +121,18 @@ def miou_record(metrics: dict[str, Any], dataset) -> dict[str, float]:
     }
 
 
-def finish_run(result: str | Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Writes a run's record (atomically: its presence marks the run done) and drops its checkpoint."""
+def finish_run(result: str | Path, world: str, variant: str, seed: int, model, train, start: float,
+               **fields: Any) -> dict[str, Any]:
+    """Writes a run's record (atomically: its presence marks the run done), drops its
+    checkpoint, and returns the record: the run's identity, its size, ``fields``, the world's
+    RGB-only bound and the wall time since ``start``."""
+    record = {
+        "world": world, "variant": variant, "seed": seed,
+        "trainable_parameters": count_parameters(model).trainable,
+        **fields,
+        "rgb_only_bound": train.rgb_only_miou_bound,
+        "wall_time_s": time.perf_counter() - start,
+    }
     atomic_write_bytes(result, (json.dumps(record, indent=2) + "\n").encode())
     (Path(result).with_suffix("") / "checkpoint.pt").unlink(missing_ok=True)  # the record is what we keep
     return record
@@ -132,14 +142,7 @@ def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights
     """Trains ``variant`` from the pretrained weights with ``seed``; writes and returns its record."""
     start = time.perf_counter()
     model, metrics, train, val = train_run(config, world, variant, seed, weights, Path(result).with_suffix(""))
-    record = {
-        "world": world, "variant": variant, "seed": seed,
-        "trainable_parameters": count_parameters(model).trainable,
-        **miou_record(metrics, val),
-        "rgb_only_bound": train.rgb_only_miou_bound,
-        "wall_time_s": time.perf_counter() - start,
-    }
-    return finish_run(result, record)
+    return finish_run(result, world, variant, seed, model, train, start, **miou_record(metrics, val))
 
 
 def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]] = run_one,

@@ -22,7 +22,6 @@ from typing import Any
 from gopt_adapter.aux_faults import ROBUSTNESS_FAULTS, FaultyAux, WithoutAux
 from gopt_adapter.baselines import AUX_DROPOUT
 from gopt_adapter.engine import evaluate
-from gopt_adapter.parameters import count_parameters
 
 from .ablation import AblationConfig, build_parser, finish_run, mean_std, miou_record, run_benchmark, setup, train_run
 
@@ -47,14 +46,8 @@ def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights
                                       if has_missing_mode else None)
         else:
             conditions[fault.name] = miou_record(evaluate(model, FaultyAux(val, fault, seed), num_classes), val)
-    record = {
-        "world": world, "variant": variant, "seed": seed,
-        "trainable_parameters": count_parameters(model).trainable,
-        **conditions["clean"], "conditions": conditions,
-        "rgb_only_bound": train.rgb_only_miou_bound,
-        "wall_time_s": time.perf_counter() - start,
-    }
-    return finish_run(result, record)
+    return finish_run(result, world, variant, seed, model, train, start, **conditions["clean"],
+                      conditions=conditions)
 
 
 def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, reused: int = 0) -> str:
