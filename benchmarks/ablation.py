@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -95,35 +95,63 @@ def pretrain(config: AblationConfig, world: str, out: Path) -> Path:
     return weights
 
 
-def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights: str, result: str) -> dict[str, Any]:
-    """Trains ``variant`` from the pretrained weights with ``seed``; writes and returns its record."""
+def train_run(config: AblationConfig, world: str, variant: str, seed: int, weights: str, work: Path):
+    """Trains ``variant`` from the pretrained weights with ``seed`` (checkpoints under ``work``).
+
+    Returns ``(model, final validation metrics, training set, validation set)``.
+    """
     torch.set_num_threads(1)
     demo = replace(config.demo, mode=world)
     train, val = synthetic_datasets(demo)
     num_classes = len(train.class_names)
     torch.manual_seed(seed)  # adapter / head initialisation
     model = build_variant(variant, build_foundation_backbone(demo, weights), train.aux_channels, num_classes)
-    start = time.perf_counter()
-    work = Path(result).with_suffix("")
     metrics = Trainer(model, train, num_classes, config.train_config(variant, seed), work, val_set=val,
                       device="cpu", ctx=Dist()).fit()
-    aux_classes = sorted(train.aux_dependent_classes)
+    return model, metrics, train, val
+
+
+def miou_record(metrics: dict[str, Any], dataset) -> dict[str, float]:
+    """mIoU overall, on the classes only aux separates, and on the others."""
+    aux_classes = sorted(dataset.aux_dependent_classes)
+    return {
+        "miou": metrics["miou"],
+        "miou_aux_classes": class_miou(metrics, aux_classes),
+        "miou_rgb_classes": class_miou(metrics, [c for c in range(len(dataset.class_names)) if c not in aux_classes]),
+    }
+
+
+def finish_run(result: str | Path, world: str, variant: str, seed: int, model, train, start: float,
+               **fields: Any) -> dict[str, Any]:
+    """Writes a run's record (atomically: its presence marks the run done), drops its
+    checkpoint, and returns the record: the run's identity, its size, ``fields``, the world's
+    RGB-only bound and the wall time since ``start``."""
     record = {
         "world": world, "variant": variant, "seed": seed,
         "trainable_parameters": count_parameters(model).trainable,
-        "miou": metrics["miou"],
-        "miou_aux_classes": class_miou(metrics, aux_classes),
-        "miou_rgb_classes": class_miou(metrics, [c for c in range(num_classes) if c not in aux_classes]),
+        **fields,
         "rgb_only_bound": train.rgb_only_miou_bound,
         "wall_time_s": time.perf_counter() - start,
     }
     atomic_write_bytes(result, (json.dumps(record, indent=2) + "\n").encode())
-    (work / "checkpoint.pt").unlink(missing_ok=True)  # the record is what we keep
+    (Path(result).with_suffix("") / "checkpoint.pt").unlink(missing_ok=True)  # the record is what we keep
     return record
 
 
-def run_all(config: AblationConfig, out: Path) -> tuple[list[dict[str, Any]], int]:
-    """Every (world, variant, seed) record, and how many came from an earlier invocation."""
+def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights: str, result: str) -> dict[str, Any]:
+    """Trains ``variant`` from the pretrained weights with ``seed``; writes and returns its record."""
+    start = time.perf_counter()
+    model, metrics, train, val = train_run(config, world, variant, seed, weights, Path(result).with_suffix(""))
+    return finish_run(result, world, variant, seed, model, train, start, **miou_record(metrics, val))
+
+
+def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]] = run_one,
+            ) -> tuple[list[dict[str, Any]], int]:
+    """Every (world, variant, seed) record, and how many came from an earlier invocation.
+
+    ``job(config, world, variant, seed, weights, result)`` trains one run in a worker process and
+    writes its record to ``result`` (a top-level function, so that it pickles).
+    """
     records, todo = [], []
     for world in config.worlds:
         weights = pretrain(config, world, out)
@@ -139,7 +167,7 @@ def run_all(config: AblationConfig, out: Path) -> tuple[list[dict[str, Any]], in
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads
     with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
-        futures = [pool.submit(run_one, config, *job) for job in todo]
+        futures = [pool.submit(job, config, *args) for args in todo]
         for done, future in enumerate(as_completed(futures), 1):
             record = future.result()
             records.append(record)
@@ -151,7 +179,7 @@ def run_all(config: AblationConfig, out: Path) -> tuple[list[dict[str, Any]], in
 
 
 # ---------------------------------------------------------------------- report
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "-"
@@ -170,28 +198,13 @@ def _paper_table4() -> tuple[dict[str, str], dict[str, dict[str, float | None]]]
     return labels, mious
 
 
-def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, reused: int = 0) -> str:
-    """Markdown: the settings, the Table 4 layout with our worlds as columns, then Fig. 6 and 7."""
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for record in records:
-        runs.setdefault((record["world"], record["variant"]), []).append(record)
-    labels, paper = _paper_table4()
-    labels = {**labels, **LABELS}
+def setup(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, reused: int = 0) -> str:
+    """The paragraph that says how the runs of a synthetic-world benchmark were made."""
     bounds = {r["world"]: r["rgb_only_bound"] for r in records}
-
-    def cells(world: str, variant: str) -> list[str]:
-        group = runs.get((world, variant), [])
-        return [_mean_std([r["miou"] for r in group]), _mean_std([r["miou_aux_classes"] for r in group])]
-
-    def params(variant: str) -> str:  # per world, in the column order (their class counts differ)
-        counts = [next((f"{r['trainable_parameters']:,}" for r in runs.get((w, variant), [])), "-")
-                  for w in config.worlds]
-        return " / ".join(counts)
-
-    lines = [
+    return (
         f"Wall time of the command: {wall_s / 60:.1f} min on {config.workers} worker(s), 2 CPU cores"
-        + (f" ({reused} runs found finished were not run again)." if reused else "."),
-        "",
+        + (f" ({reused} runs found finished were not run again)." if reused else ".")
+        + "\n\n"
         f"Backbone: `{config.demo.backbone}` with {config.demo.backbone_kwargs}, pretrained on RGB alone by the "
         f"demo's path, then each row trains from it. Data: {config.demo.train_length} training and "
         f"{config.demo.val_length} validation scenes at {config.demo.size}x{config.demo.size}. "
@@ -200,7 +213,29 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
         f"{config.full.lr:g}. Seeds {list(config.seeds)}; cells are mean ± standard deviation of mIoU in percent. "
         "\"aux\" is the mIoU over the classes that share their colour with another class and differ only "
         "in the auxiliary channel. Best mIoU reachable from RGB alone, by construction: "
-        + ", ".join(f"{w} {100 * bounds[w]:.1f}" for w in config.worlds if w in bounds) + ".",
+        + ", ".join(f"{w} {100 * bounds[w]:.1f}" for w in config.worlds if w in bounds) + "."
+    )
+
+
+def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, reused: int = 0) -> str:
+    """Markdown: the settings, the Table 4 layout with our worlds as columns, then Fig. 6 and 7."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        runs.setdefault((record["world"], record["variant"]), []).append(record)
+    labels, paper = _paper_table4()
+    labels = {**labels, **LABELS}
+
+    def cells(world: str, variant: str) -> list[str]:
+        group = runs.get((world, variant), [])
+        return [mean_std([r["miou"] for r in group]), mean_std([r["miou_aux_classes"] for r in group])]
+
+    def params(variant: str) -> str:  # per world, in the column order (their class counts differ)
+        counts = [next((f"{r['trainable_parameters']:,}" for r in runs.get((w, variant), [])), "-")
+                  for w in config.worlds]
+        return " / ".join(counts)
+
+    lines = [
+        setup(config, records, wall_s, reused),
         "",
         "### Table 4 layout: variants and ablations",
         "",
@@ -231,47 +266,61 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__,
+def build_parser(prog: str, description: str, variants: tuple[str, ...], out: str) -> argparse.ArgumentParser:
+    """The options of the synthetic-world benchmarks (this one and benchmarks.robustness)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/ablation", help="folder for the runs (resumable)")
+    parser.add_argument("--out", default=out, help="folder for the runs (resumable)")
     parser.add_argument("--doc", help="write the Markdown report here (e.g. docs/results.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(AblationConfig.seeds))
     parser.add_argument("--worlds", nargs="+", default=list(WORLDS), help=f"subset of {list(WORLDS)}")
-    parser.add_argument("--variants", nargs="+", default=list(TABLE4 + EXTRA), help="subset of the rows")
+    parser.add_argument("--variants", nargs="+", default=list(variants), help="subset of the rows")
     parser.add_argument("--epochs", type=int, default=AblationConfig.frozen.epochs, help="epochs of every row")
     parser.add_argument("--train-length", type=int, default=AblationConfig.demo.train_length,
                         help="training scenes per epoch")
     parser.add_argument("--val-length", type=int, default=AblationConfig.demo.val_length, help="validation scenes")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def config_from_args(args: argparse.Namespace) -> AblationConfig:
     base = AblationConfig()
+    return AblationConfig(
+        worlds=tuple(args.worlds), seeds=tuple(args.seeds), variants=tuple(args.variants),
+        demo=replace(base.demo, train_length=args.train_length, val_length=args.val_length),
+        frozen=replace(base.frozen, epochs=args.epochs), full=replace(base.full, epochs=args.epochs),
+        workers=args.workers,
+    )
+
+
+def run_benchmark(module: str, argv, parser: argparse.ArgumentParser, section: str,
+                  job: Callable[..., dict[str, Any]], report_fn: Callable[..., str]) -> int:
+    """Parses ``argv``, runs every missing run with ``job``, and writes the report into
+    ``<out>/results.md``, the ``--doc`` file (between the ``section`` markers) and
+    ``<out>/results.json``."""
+    args = parser.parse_args(argv)
     try:
-        config = AblationConfig(
-            worlds=tuple(args.worlds), seeds=tuple(args.seeds), variants=tuple(args.variants),
-            demo=replace(base.demo, train_length=args.train_length, val_length=args.val_length),
-            frozen=replace(base.frozen, epochs=args.epochs), full=replace(base.full, epochs=args.epochs),
-            workers=args.workers,
-        )
+        config = config_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    records, reused = run_all(config, out)
-    text = report(config, records, time.perf_counter() - start, reused)
-    command = invocation("benchmarks.ablation", argv)
+    records, reused = run_all(config, out, job)
+    text = report_fn(config, records, time.perf_counter() - start, reused)
+    command = invocation(module, argv)
     for doc in (out / "results.md", *([args.doc] if args.doc else [])):
-        write_section(doc, SECTION, command, text)
+        write_section(doc, section, command, text)
     json_records = json.dumps({"config": asdict(config), "runs": records}, indent=1, default=str)
     atomic_write_bytes(out / "results.json", json_records.encode())
     print(text)
     return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser("python -m benchmarks.ablation", __doc__, TABLE4 + EXTRA, "runs/ablation")
+    return run_benchmark("benchmarks.ablation", argv, parser, SECTION, run_one, report)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ class GoptAdapter(nn.Module):
         r = config.hidden_dim
         self.aux_embed = AuxPatchEmbed(config.aux_channels, r, spec.patch_size, spec.dynamic_img_pad)
         self.class_tokens = nn.Parameter(torch.empty(config.groups, r))  # c_m^0, [C, r]
+        # stands in for every aux token of a sample without aux (config.aux_dropout > 0 only)
+        self.missing_aux = nn.Parameter(torch.empty(r)) if config.has_missing_mode else None  # [r]
         self.prompters = nn.ModuleList(GroupingPrompter(config, spec.embed_dim) for _ in self.block_indices)
         self.head = build_head(config.head, spec.num_features, config.num_classes, config.head_channels)
         self.preprocessing = None
@@ -62,13 +64,30 @@ class GoptAdapter(nn.Module):
         """Xavier-uniform for prompter weights (paper), zero up-projection (identity at init)."""
         xavier_init_(self)
         nn.init.xavier_uniform_(self.class_tokens)
+        if self.missing_aux is not None:
+            nn.init.trunc_normal_(self.missing_aux, std=0.02)  # near the mean of LayerNorm'd aux tokens
         for prompter in self.prompters:
             nn.init.zeros_(prompter.up.weight)
             nn.init.zeros_(prompter.up.bias)
 
-    def initial_state(self, aux: torch.Tensor) -> PromptState:
-        """State entering the first prompter: aux tokens and the learned class tokens."""
-        aux_tokens = self.aux_embed(aux)  # [B, S, r]
+    def initial_state(self, aux: torch.Tensor, missing: torch.Tensor | None = None) -> PromptState:
+        """State entering the first prompter: aux tokens and the learned class tokens.
+
+        ``missing`` (bool ``[B]``) marks samples without an aux image: their aux values are
+        never read, and every one of their aux tokens is the learned ``missing_aux`` token.
+        In training, ``config.aux_dropout`` marks further samples at random, so that the
+        prompters and the head learn to do without aux (with 0 nothing is drawn).
+        """
+        if self.training and self.config.aux_dropout > 0:
+            dropped = torch.rand(aux.shape[0], device=aux.device) < self.config.aux_dropout  # [B]
+            missing = dropped if missing is None else missing | dropped
+        if missing is None:
+            aux_tokens = self.aux_embed(aux)  # [B, S, r]
+        else:
+            if self.missing_aux is None:
+                raise ValueError("this adapter has no aux-missing mode: it was trained with aux_dropout=0")
+            tokens = self.aux_embed(aux.masked_fill(missing.view(-1, 1, 1, 1), 0))  # absent aux (even NaN) unread
+            aux_tokens = torch.where(missing.view(-1, 1, 1), self.missing_aux.to(tokens.dtype), tokens)  # [B, S, r]
         class_tokens = self.class_tokens.unsqueeze(0).expand(aux.shape[0], -1, -1)  # [B, C, r]
         return PromptState(aux_tokens, class_tokens)
 

@@ -49,6 +49,8 @@ BACKBONE_TRAINING = ("frozen", "full", "lora")
 # timm's image-classification tail (forward_head): the dense head replaces it, no gradient
 # reaches it, so full fine-tuning leaves it frozen.
 CLASSIFIER_MODULES = ("fc_norm", "attn_pool", "head", "head_dist")
+# aux_dropout of the gopt_aux_dropout variant and of the demo (see docs/method.md)
+AUX_DROPOUT = 0.2
 
 
 # --------------------------------------------------------------------------- config
@@ -408,6 +410,8 @@ _ALL = [
     _variant("gopt_no_acp", apply_gopt, "Table 4 GoPT (w/o ACP)", "grouping prompters without ACP", use_acp=False),
     _variant("gopt_rgb_query", apply_gopt, "Table 4 GoPT, eq. 12 as printed",
              "ACP queries with the RGB token alone (no aligned aux token)", acp_query="rgb"),
+    _variant("gopt_aux_dropout", apply_gopt, None,
+             f"GoPT trained with aux_dropout={AUX_DROPOUT}: it has an aux-missing mode", aux_dropout=AUX_DROPOUT),
     _variant("gopt_soft", apply_gopt, "Fig. 7 soft", "soft instead of hard group assignment", assignment="soft"),
     *(
         _variant(f"gopt_i{interval}", apply_gopt, "Fig. 6", f"a grouping prompter every {interval} blocks",

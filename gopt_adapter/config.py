@@ -35,6 +35,11 @@ class GoptConfig:
             finer than the ``C`` image-wide group prompts reaches a patch.
         head: ``"setr_naive"`` (1x1 conv, BN, ReLU, 1x1 conv) or ``"linear"`` (BN, 1x1 conv).
         head_channels: hidden channels of the SETR-naive head.
+        aux_dropout: probability that a training sample's aux image is treated as missing
+            (the adapter's aux-missing mode, see :meth:`GoptAdapter.initial_state`). ``0``
+            is the paper's training and gives an adapter without a missing mode; ``> 0``
+            adds one learned token of width ``r`` that stands in for absent aux tokens, so
+            ``segmenter(rgb, aux=None)`` works (docs/method.md, "When the aux image is missing").
     """
 
     aux_channels: int
@@ -49,6 +54,7 @@ class GoptConfig:
     acp_query: str = "aligned"
     head: str = "setr_naive"
     head_channels: int = 256
+    aux_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("aux_channels", "num_classes", "interval", "hidden_dim", "head_channels"):
@@ -65,6 +71,9 @@ class GoptConfig:
             raise ValueError(f"tau must be a positive float, got {self.tau!r}")
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ValueError(f"tau must be finite and > 0 (Gumbel-softmax temperature), got {self.tau}")
+        if (isinstance(self.aux_dropout, bool) or not isinstance(self.aux_dropout, (int, float))
+                or not 0 <= self.aux_dropout < 1):
+            raise ValueError(f"aux_dropout must be a probability in [0, 1), got {self.aux_dropout!r}")
         for name in ("use_cup", "use_acp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -73,6 +82,11 @@ class GoptConfig:
                 "use_cup and use_acp cannot both be False: without CUP there are no groups to "
                 "dispatch and without ACP no way to reach the RGB tokens; one must remain"
             )
+
+    @property
+    def has_missing_mode(self) -> bool:
+        """Whether adapters of this config carry the learned missing-aux token."""
+        return self.aux_dropout > 0
 
     @property
     def groups(self) -> int:

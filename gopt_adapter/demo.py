@@ -1,8 +1,10 @@
 """End-to-end demo on the built-in synthetic RGB-X world (runs on 2 CPU cores in minutes).
 
 1. Train a small RGB-only foundation ViT (SETR-naive head, full fine-tuning).
-2. Freeze it, apply GoPT, train only the adapter on RGB + aux.
-3. Evaluate both: mIoU overall and on the classes that only the aux channel separates.
+2. Freeze it, apply GoPT (with ``aux_dropout``, so it also learns to work without aux), train
+   only the adapter on RGB + aux.
+3. Evaluate both: mIoU overall and on the classes that only the aux channel separates, and
+   GoPT once more with no aux image at all (its aux-missing mode).
 4. Save the adapter with the synthetic world's preprocessing (aux in [0, 1] scaled by the
    dtype maximum, the default mean/std), reload it into a fresh segmenter built from the
    saved foundation weights, and check that the reloaded one predicts exactly the same and
@@ -22,7 +24,8 @@ import torch
 
 from .adapter_io import load_adapter, save_adapter
 from .backbone import create_backbone
-from .baselines import build_variant
+from .aux_faults import WithoutAux
+from .baselines import AUX_DROPOUT, build_variant
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
 from .files import write_tensors
@@ -46,6 +49,7 @@ class DemoConfig:
                                           amp=False, log_every=8)
     gopt: TrainConfig = TrainConfig(epochs=15, batch_size=16, lr=3e-3, weight_decay=0.01, warmup_steps=10,
                                     amp=False, log_every=8)
+    aux_dropout: float = AUX_DROPOUT  # GoPT's aux-missing mode trains on this share of the samples
     out: str = "runs/demo"
 
 
@@ -110,7 +114,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     vit, foundation_metrics, foundation_params = train_foundation(config, weights, progress)
 
     print("[2/4] freezing it and training the GoPT adapter on RGB + aux", file=sys.stderr)
-    segmenter = apply_gopt(vit, train.aux_channels, num_classes)
+    segmenter = apply_gopt(vit, train.aux_channels, num_classes, aux_dropout=config.aux_dropout)
     segmenter.adapter.preprocessing = dataset_preprocessing(val)  # what gopt predict needs to repeat
     gopt_metrics = Trainer(segmenter, train, num_classes, replace(config.gopt, seed=config.seed, progress=progress),
                            out / "gopt", val_set=val, device="cpu", ctx=Dist()).fit()
@@ -122,6 +126,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     same = fresh.adapter.preprocessing == segmenter.adapter.preprocessing and all(
         torch.equal(a, b) for a, b in zip(_predictions(segmenter, val), _predictions(fresh, val)))
     reloaded_metrics = evaluate(fresh, val, num_classes)
+    missing_metrics = evaluate(WithoutAux(fresh), val, num_classes) if fresh.config.has_missing_mode else None
 
     print("[4/4] results", file=sys.stderr)
     rows = [
@@ -129,6 +134,9 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
         ("GoPT (frozen foundation + adapter)", count_parameters(segmenter).trainable,
          f"{adapter_path.stat().st_size / 1e6:.2f} MB", gopt_metrics),
     ]
+    if missing_metrics is not None:
+        rows.append(("GoPT, aux missing (same adapter, aux=None)", count_parameters(segmenter).trainable,
+                     f"{adapter_path.stat().st_size / 1e6:.2f} MB", missing_metrics))
     print(f"\nsynthetic {config.mode} world, {config.size}x{config.size}, {len(train)} train / {len(val)} val images; "
           f"classes needing aux: {[train.class_names[c] for c in aux_classes]}")
     print(f"best mIoU reachable from RGB alone (by construction): {train.rgb_only_miou_bound:.3f}\n")
@@ -140,7 +148,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     print(f"\nreloaded adapter predicts identically: {'yes' if same else 'NO'} "
           f"(mIoU {reloaded_metrics['miou']:.3f}); total time {time.perf_counter() - start:.0f} s")
     return {
-        "foundation": foundation_metrics, "gopt": gopt_metrics, "reloaded_identical": same,
+        "foundation": foundation_metrics, "gopt": gopt_metrics, "gopt_aux_missing": missing_metrics,
+        "reloaded_identical": same,
         "aux_classes": aux_classes, "rgb_only_bound": train.rgb_only_miou_bound,
         "gopt_trainable": count_parameters(segmenter).trainable, "adapter_bytes": adapter_path.stat().st_size,
     }

@@ -66,17 +66,26 @@ class GoptSegmenter(nn.Module):
         self.train(model.training)
 
     # ----------------------------------------------------------------- forward
-    def forward(self, rgb: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        """``rgb [B, 3, H, W]`` and ``aux [B, C_aux, H, W]`` -> logits ``[B, K, H, W]``."""
-        features = self.features(rgb, aux)  # [B, D, h, w]
+    def forward(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
+                aux_missing: torch.Tensor | None = None) -> torch.Tensor:
+        """``rgb [B, 3, H, W]`` and ``aux [B, C_aux, H, W]`` -> logits ``[B, K, H, W]``.
+
+        Without an aux image (``aux=None``), or for the samples flagged in ``aux_missing``
+        (bool ``[B]``; their aux values are not read), the adapter runs in its aux-missing
+        mode. Only adapters trained with ``aux_dropout > 0`` have one.
+        """
+        features = self.features(rgb, aux, aux_missing)  # [B, D, h, w]
         logits = self.adapter.head(features)  # [B, K, h, w]
         return self.upsample(logits, rgb.shape[-2:])
 
-    def features(self, rgb: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def features(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
+                 aux_missing: torch.Tensor | None = None) -> torch.Tensor:
         """Last block's patch tokens after the backbone's final norm, ``[B, D, h, w]``."""
+        aux, aux_missing = self._missing_aux_inputs(rgb, aux, aux_missing)
         self._check_inputs(rgb, aux)
         adapter = self.adapter
-        return self._prompted_features(rgb, [Route(adapter, None, adapter.initial_state(aux))])
+        state = adapter.initial_state(aux) if aux_missing is None else adapter.initial_state(aux, aux_missing)
+        return self._prompted_features(rgb, [Route(adapter, None, state)])
 
     def _prompted_features(self, rgb: torch.Tensor, routes: list[Route]) -> torch.Tensor:
         """The backbone's features ``[B, D, h, w]`` with each route's prompters on its samples."""
@@ -84,6 +93,31 @@ class GoptSegmenter(nn.Module):
             raise RuntimeError("timm's grad checkpointing replays the prompters; use segmenter.set_grad_checkpointing()")
         with self._context.active(routes):
             return self.backbone_features(rgb)
+
+    def _missing_aux_inputs(self, rgb: torch.Tensor, aux: torch.Tensor | None,
+                            aux_missing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(aux, missing)`` for the adapter: ``aux=None`` becomes a zero image, all missing."""
+        if aux is None and aux_missing is None:
+            if rgb.ndim != 4:
+                raise ValueError(f"expected rgb [B, {self.spec.in_chans}, H, W], got {tuple(rgb.shape)}")
+            aux = rgb.new_zeros(rgb.shape[0], self.config.aux_channels, *rgb.shape[2:])
+            aux_missing = torch.ones(rgb.shape[0], dtype=torch.bool, device=rgb.device)
+        elif aux is None:
+            raise ValueError("aux_missing needs an aux tensor (use aux=None when every sample lacks aux)")
+        if aux_missing is None:
+            return aux, None
+        if getattr(self.adapter, "missing_aux", None) is None:
+            raise ValueError(
+                f"adapter {self.active_adapter!r} has no aux-missing mode (it was trained with aux_dropout=0, "
+                "the default and the only setting of older adapter files, or it is a baseline): give every "
+                "sample an aux image, or train an adapter with GoptConfig(aux_dropout > 0)"
+            )
+        if not isinstance(aux_missing, torch.Tensor) or aux_missing.dtype != torch.bool \
+                or tuple(aux_missing.shape) != (aux.shape[0],):
+            got = f"{aux_missing.dtype} {tuple(aux_missing.shape)}" if isinstance(aux_missing, torch.Tensor) \
+                else type(aux_missing).__name__
+            raise ValueError(f"aux_missing must be a bool tensor [B] = [{aux.shape[0]}], got {got}")
+        return aux, aux_missing.to(aux.device)
 
     def backbone_features(self, rgb: torch.Tensor) -> torch.Tensor:
         """What the backbone computes with no prompter: the frozen RGB model's features."""

@@ -76,7 +76,7 @@ def full_aux_embed(aux=AUX, dim=D):
 def test_registry_covers_the_paper_rows_lora_and_the_interval_sweep():
     assert set(VARIANTS) == {
         "foundation", "fft", "vpt_shallow", "vpt_deep", "lora", "gopt", "gopt_shallow", "gopt_no_cup",
-        "gopt_no_acp", "gopt_rgb_query", "gopt_soft", "gopt_i1", "gopt_i2", "gopt_i4", "gopt_i6", "gopt_i12",
+        "gopt_no_acp", "gopt_rgb_query", "gopt_aux_dropout", "gopt_soft", "gopt_i1", "gopt_i2", "gopt_i4", "gopt_i6", "gopt_i12",
     }
     assert all(variant.name == name for name, variant in VARIANTS.items())
 
