@@ -26,7 +26,7 @@ def trained(family: str, **options):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, options, size, dynamic, second", [
-    ("vit", {}, (32, 48), True, (48, 32)),
+    ("vit", {"aux_dropout": 0.2}, (32, 48), True, (48, 32)),  # an adapter with an aux-missing mode
     ("eva02", {"interval": 2}, (28, 42), True, (43, 57)),  # rope; padded to the patch grid
     ("dinov2_reg", {"assignment": "soft"}, (28, 28), False, None),  # register tokens
 ])
