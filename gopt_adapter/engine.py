@@ -3,12 +3,13 @@
 Trains exactly the parameters that require grad (AdamW, polynomial decay with linear
 warmup, gradient accumulation and clipping, cross-entropy with ignore value 255); with bf16
 autocast (``amp``: on by default on CUDA, off by default on the CPU, where it is slower but
-lets the mixed-precision path be tested) and optional ``torch.compile``; under ``torchrun`` with DDP (nccl on CUDA,
-gloo on CPU). Rank 0 alone writes the JSONL log and an atomic checkpoint after every epoch;
-``resume=True`` continues from it, reproducing the uninterrupted run exactly (data order,
-Gumbel noise and transforms all draw from RNG states stored in the checkpoint). Resuming
-loads the checkpoint strictly and refuses settings that would change the trajectory; the
-log is cut back to the checkpoint, and the last metrics, wall time and throughput carry over.
+lets the mixed-precision path be tested) and optional ``torch.compile``; under ``torchrun``
+with DDP (nccl on CUDA, gloo on CPU). Rank 0 alone writes the JSONL log and an atomic
+checkpoint after every epoch; ``resume=True`` continues from it, reproducing the
+uninterrupted run exactly (data order, Gumbel noise and transforms all draw from RNG states
+stored in the checkpoint). Resuming loads the checkpoint strictly and refuses settings that
+would change the trajectory; the log is cut back to the checkpoint, and the last metrics,
+wall time and throughput carry over.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     amp: bool | None = None  # bf16 autocast; None = on on CUDA, off on the CPU (see resolve_amp)
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" skips code generation
     grad_checkpointing: bool = False
     num_workers: int = 0
     seed: int = 0
@@ -108,6 +110,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if not (isinstance(self.compile_backend, str) and self.compile_backend):
+            raise ValueError(f"compile_backend must name a torch.compile backend, got {self.compile_backend!r}")
         check_window(self.eval_window, self.eval_stride, prefix="eval_")
 
 
@@ -375,7 +379,10 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if self.config.compile:
-            forward = torch.compile(forward)
+            # Our model code causes no graph break; it recompiles once per image size (timm's
+            # position-embedding resampling specialises on it) and once per adapter
+            # (set_adapter), then reuses the cached graphs (docs/performance.md#torchcompile).
+            forward = torch.compile(forward, backend=self.config.compile_backend)
         return forward
 
     # --------------------------------------------------------------- checkpoints

@@ -31,13 +31,14 @@ def test_amp_defaults_to_cuda_only_and_is_validated():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-def fixed_batch_trainer(out, amp):
+def fixed_batch_trainer(out, amp=False, epochs=8, **overrides):
     """Eight steps on the same eight unaugmented synthetic samples (one batch per epoch): a
     loss that should fall step after step."""
     _, val = synthetic_sets()
     model = apply_gopt(make_backbone("vit", depth=2), aux_channels=1, num_classes=len(val.class_names),
                        hidden_dim=8, head_channels=16)
-    config = TrainConfig(epochs=8, batch_size=8, lr=3e-2, log_every=1, progress=False, amp=amp)
+    config = TrainConfig(**{**dict(epochs=epochs, batch_size=8, lr=3e-2, log_every=1, progress=False, amp=amp),
+                            **overrides})
     return Trainer(model, val, len(val.class_names), config, out, device="cpu", ctx=Dist())
 
 
