@@ -10,7 +10,7 @@ step alone took 241 s on the shared 2-core CI-like machine (89 kernels); on CUDA
 import pytest
 import torch
 
-from gopt_adapter import GoptSegmenter, apply_gopt
+from gopt_adapter import GoptSegmenter
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.engine import LOG_NAME, TrainConfig, evaluate
 from conftest import make_backbone
