@@ -385,22 +385,27 @@ def measure(args: argparse.Namespace, argv) -> dict[str, Any]:
             except ImportError as exc:  # lora needs peft
                 skip(f"{name}: {exc}")
                 continue
-            if name in TRAIN_VARIANTS:
-                record["training"].setdefault(name, {})["eager"] = measure_training(
-                    model, model, train_inputs, device, repeats, autocast)
+            measurements = [("training", name, lambda: measure_training(
+                model, model, train_inputs, device, repeats, autocast))] if name in TRAIN_VARIANTS else []
             if name in INFER_VARIANTS:
-                record["inference"].setdefault(name, {})["eager"] = measure_inference(
-                    model, model, one, many, device, repeats, autocast)
+                measurements.append(("inference", name, lambda: measure_inference(
+                    model, model, one, many, device, repeats, autocast)))
             if name == "gopt":
-                record["inference"]["lower_bound"] = {"eager": measure_inference(
-                    lower_bound(model), model, one, many, device, repeats, autocast)}
+                measurements.append(("inference", "lower_bound", lambda: measure_inference(
+                    lower_bound(model), model, one, many, device, repeats, autocast)))
+            for table, row, run in measurements:
+                try:
+                    record[table].setdefault(row, {})["eager"] = run()
+                except Exception as exc:  # out of memory, say: recorded, the check goes on
+                    record[table].setdefault(row, {})["eager"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            if name == "gopt":
                 try:  # never run on a GPU before this check
                     record["swap"] = measure_swaps([SimpleNamespace(name="gopt", model=model)],
                                                    sizes["swap_repeats"], device=device)
                 except Exception as exc:
                     record["swap"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             results.write()
-            del model
+            model = measurements = None  # freed before the next variant is built
             release(device)
 
     def compiled(order: list[tuple[str, str]]) -> None:
