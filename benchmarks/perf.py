@@ -173,19 +173,22 @@ def main(argv=None) -> None:
         write_section(args.doc, key, invocation("benchmarks.perf", argv), text)
 
 
-def measure_swaps(rows: list[Row], repeats: int, rgb1, aux1) -> dict[str, float]:
+def measure_swaps(rows: list[Row], repeats: int, rgb1=None, aux1=None,
+                  device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Median ``load_adapter`` and ``set_adapter`` times (ms) on the ``gopt`` row's model,
+    synchronising ``device`` around each call (a load copies the tensors onto it)."""
     gopt = next((row.model for row in rows if row.name == "gopt"), None)
     if gopt is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_adapter(gopt, Path(tmp) / "task.safetensors")
         gopt.backbone_fingerprint()  # the digest is computed once per backbone, not per swap
-        load_times = [median_time(lambda: load_adapter(gopt, path), torch.device("cpu")) for _ in range(repeats)]
+        load_times = [median_time(lambda: load_adapter(gopt, path), device) for _ in range(repeats)]
         gopt.add_adapter("other", path)
         set_times = []
         for index in range(repeats):
             set_times.append(median_time(lambda: gopt.set_adapter("other" if index % 2 == 0 else "default"),
-                                         torch.device("cpu")))
+                                         device))
         gopt.set_adapter("default")
         gopt.delete_adapter("other")
     return {"load_adapter_ms": 1e3 * statistics.median(load_times), "set_adapter_ms": 1e3 * statistics.median(set_times)}

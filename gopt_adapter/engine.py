@@ -1,13 +1,15 @@
 """Training and evaluation loop for any ``model(rgb, aux) -> logits`` segmenter.
 
 Trains exactly the parameters that require grad (AdamW, polynomial decay with linear
-warmup, gradient accumulation and clipping, cross-entropy with ignore value 255); on CUDA
-with bf16 autocast and optional ``torch.compile``; under ``torchrun`` with DDP (nccl on CUDA,
-gloo on CPU). Rank 0 alone writes the JSONL log and an atomic checkpoint after every epoch;
-``resume=True`` continues from it, reproducing the uninterrupted run exactly (data order,
-Gumbel noise and transforms all draw from RNG states stored in the checkpoint). Resuming
-loads the checkpoint strictly and refuses settings that would change the trajectory; the
-log is cut back to the checkpoint, and the last metrics, wall time and throughput carry over.
+warmup, gradient accumulation and clipping, cross-entropy with ignore value 255); with bf16
+autocast (``amp``: on by default on CUDA, off by default on the CPU, where it is slower but
+lets the mixed-precision path be tested) and optional ``torch.compile``; under ``torchrun``
+with DDP (nccl on CUDA, gloo on CPU). Rank 0 alone writes the JSONL log and an atomic
+checkpoint after every epoch; ``resume=True`` continues from it, reproducing the
+uninterrupted run exactly (data order, Gumbel noise and transforms all draw from RNG states
+stored in the checkpoint). Resuming loads the checkpoint strictly and refuses settings that
+would change the trajectory; the log is cut back to the checkpoint, and the last metrics,
+wall time and throughput carry over.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -76,8 +78,9 @@ class TrainConfig:
     poly_power: float = 1.0
     grad_accum: int = 1
     clip_grad_norm: float | None = None
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool | None = None  # bf16 autocast; None = on on CUDA, off on the CPU (see resolve_amp)
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" skips code generation
     grad_checkpointing: bool = False
     num_workers: int = 0
     seed: int = 0
@@ -100,8 +103,15 @@ class TrainConfig:
             raise ValueError("weight_decay and poly_power must be >= 0")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
+        if self.amp is not None and not isinstance(self.amp, bool):
+            raise ValueError(f"amp must be true, false or null (on on CUDA only), got {self.amp!r}")
+        for name in ("compile", "grad_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if not (isinstance(self.compile_backend, str) and self.compile_backend):
+            raise ValueError(f"compile_backend must name a torch.compile backend, got {self.compile_backend!r}")
         check_window(self.eval_window, self.eval_stride, prefix="eval_")
 
 
@@ -248,7 +258,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device | str = "cpu",
-             ctx: Dist = Dist(), window: int | None = None, stride: int | None = None, amp: bool = True,
+             ctx: Dist = Dist(), window: int | None = None, stride: int | None = None, amp: bool | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Full-size evaluation (batch 1, images may differ in size), summed over all ranks.
 
@@ -276,9 +286,27 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
     return metrics.compute()
 
 
-def _autocast(device: torch.device | str, amp: bool):
+AMP_DEVICES = ("cuda", "cpu")
+
+
+def resolve_amp(amp: bool | None, device: torch.device | str) -> bool:
+    """Whether bf16 autocast runs: ``amp`` itself, or with ``None`` only on CUDA (on the CPU
+    bf16 is slower than fp32 on most machines; ``amp=True`` there tests the mixed-precision path)."""
     device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    if amp is None:
+        return device.type == "cuda"
+    if amp and device.type not in AMP_DEVICES:
+        raise ValueError(f"amp=True needs one of {AMP_DEVICES}, not {device.type!r}")
+    return amp
+
+
+def _autocast(device: torch.device | str, amp: bool | None):
+    """bf16 autocast on ``device`` if :func:`resolve_amp` says so. Parameters, BatchNorm
+    statistics and the loss stay float32; the Gumbel assignment is computed in float32
+    (:func:`gopt_adapter.grouping.gumbel_assignment`)."""
+    device = torch.device(device)
+    enabled = resolve_amp(amp, device)
+    return torch.autocast(device.type if enabled else "cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None):
@@ -304,7 +332,8 @@ class Trainer:
                  ctx: Dist | None = None) -> None:
         self.ctx = ctx or init_distributed()
         self.device = torch.device(device) if device is not None else default_device(self.ctx)
-        self.config = config
+        # amp resolved for this device: the checkpoint records, and resume compares, what ran
+        self.config = config = replace(config, amp=resolve_amp(config.amp, self.device))
         self.num_classes = num_classes
         self.out_dir = Path(out_dir)
         self.train_set, self.val_set = train_set, val_set
@@ -350,7 +379,10 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if self.config.compile:
-            forward = torch.compile(forward)
+            # Our model code causes no graph break; it recompiles once per image size (timm's
+            # position-embedding resampling specialises on it) and once per adapter
+            # (set_adapter), then reuses the cached graphs (docs/performance.md#torchcompile).
+            forward = torch.compile(forward, backend=self.config.compile_backend)
         return forward
 
     # --------------------------------------------------------------- checkpoints

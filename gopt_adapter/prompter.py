@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GoptConfig
 from .grouping import GroupingModule
-from .tokens import patch_rows, rescale_patch_tokens
+from .tokens import patch_rows, rescale_patch_tokens_linear
 
 
 @dataclass
@@ -155,4 +155,5 @@ class GroupingPrompter(nn.Module):
 
     def inject(self, tokens: torch.Tensor, token_prompts: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         """Eq. 3: patch tokens times ``1 + Up(t)`` (``Up`` starts at zero: identity at init)."""
-        return rescale_patch_tokens(tokens, num_prefix_tokens, self.up(token_prompts))  # [B, S, r] -> [B, S, D]
+        return rescale_patch_tokens_linear(tokens, num_prefix_tokens, token_prompts,  # [B, S, r] -> [B, P + S, D]
+                                           self.up.weight, self.up.bias)

@@ -34,6 +34,24 @@ def rescale_patch_tokens(x: torch.Tensor, num_prefix_tokens: int, delta: torch.T
     return torch.addcmul(x, x, _patch_delta(x, num_prefix_tokens, delta))
 
 
+def rescale_patch_tokens_linear(x: torch.Tensor, num_prefix_tokens: int, prompts: torch.Tensor,
+                                weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 3 with ``delta = prompts @ weight.T + bias``: :func:`rescale_patch_tokens` of a linear
+    layer's output, without padding that ``[B, P + S, D]`` output.
+
+    The prompts ``[B, S, r]`` get ``P`` zero rows and, for the bias, a column of ones; one GEMM
+    then writes ``delta`` already laid out like ``x``, exactly zero on the prefix rows. Padding
+    the ``[B, S, D]`` output instead costs a fill and a copy of it per block, the largest
+    avoidable memory traffic of a prompter (docs/performance.md, "What profiling changed").
+    """
+    if x.ndim == 4 or not num_prefix_tokens:
+        return rescale_patch_tokens(x, num_prefix_tokens, F.linear(prompts, weight, bias))
+    if bias is not None:
+        prompts, weight = F.pad(prompts, (0, 1), value=1.0), torch.cat([weight, bias[:, None]], dim=1)
+    rows = F.pad(prompts, (0, 0, num_prefix_tokens, 0))  # [B, P + S, r (+ 1)]
+    return torch.addcmul(x, x, rows @ weight.t())  # [B, P + S, D]
+
+
 def add_to_patch_tokens(x: torch.Tensor, num_prefix_tokens: int, delta: torch.Tensor) -> torch.Tensor:
     """Patch tokens plus ``delta [B, S, D]``, prefix tokens unchanged."""
     return x + _patch_delta(x, num_prefix_tokens, delta)
