@@ -11,9 +11,9 @@ from conftest import make_backbone, perturb_adapter
 DEPTH, SIZE = 4, (32, 48)
 
 
-def build(configs: list[GoptConfig], family: str = "vit", seed: int = 0):
+def build(configs: list[GoptConfig], family: str = "vit", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A segmenter holding one perturbed (trained-like) adapter per config, named t0, t1, ..."""
-    segmenter = apply_gopt(make_backbone(family, depth=DEPTH), aux_channels=1, num_classes=2)
+    segmenter = apply_gopt(make_backbone(family, depth=DEPTH).to(dtype), aux_channels=1, num_classes=2)
     for index, config in enumerate(configs):
         segmenter.add_adapter(f"t{index}", config)
         segmenter.set_adapter(f"t{index}")
@@ -48,11 +48,16 @@ configs = st.builds(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(adapters=st.lists(configs, min_size=1, max_size=4), data=st.data())
 def test_mixed_batch_equals_each_sample_alone(adapters, data):
-    segmenter = build(adapters, seed=data.draw(st.integers(0, 100)))
+    """In float64, so that the comparison sees the routing and not fp32 rounding: fp32 kernels
+    round differently with batch size and memory layout, and one drawn example with every
+    sample on one adapter (a single route, the plain forward's path) differed from batch-1
+    runs by 1.6e-5 in fp32. The fixed-family tests below run fp32."""
+    segmenter = build(adapters, seed=data.draw(st.integers(0, 100)), dtype=torch.float64)
     names = data.draw(st.lists(st.sampled_from(list(segmenter.adapters)), min_size=1, max_size=6), label="names")
     generator = torch.Generator().manual_seed(len(names))
-    rgb = torch.randn(len(names), 3, *SIZE, generator=generator)
-    aux = [torch.randn(segmenter.adapters[n].config.aux_channels, *SIZE, generator=generator) for n in names]
+    rgb = torch.randn(len(names), 3, *SIZE, generator=generator, dtype=torch.float64)
+    aux = [torch.randn(segmenter.adapters[n].config.aux_channels, *SIZE, generator=generator, dtype=torch.float64)
+           for n in names]
     with torch.no_grad():
         mixed = segmenter.forward_mixed(rgb, aux, names)
         expected = alone(segmenter, rgb, aux, names)
