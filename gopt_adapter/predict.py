@@ -89,8 +89,9 @@ def load_segmenter(model: torch.nn.Module, adapter: str | Path | AdapterFile,
     return segmenter.eval(), file
 
 
-def resolve_class_names(spec: str | None, num_classes: int) -> list[str]:
-    """Class names from a comma list, a dataset registry name or ``class 0..K-1``.
+def resolve_class_names(spec: str | None, num_classes: int, stored: Sequence[str] | None = None) -> list[str]:
+    """Class names from a comma list, a dataset registry name, else ``stored`` (the names an
+    adapter file holds), else ``class 0..K-1``.
 
     Registry names: ``nyudv2``, ``sunrgbd``, ``mfnet`` (9 classes with "unlabeled", or the
     8 without it), ``pst900``, ``whu_opt_sar`` (8, or 6 without background and others;
@@ -99,7 +100,7 @@ def resolve_class_names(spec: str | None, num_classes: int) -> list[str]:
     ``num_classes``.
     """
     if not spec:
-        return [f"class {i}" for i in range(num_classes)]
+        return list(stored) if stored is not None else [f"class {i}" for i in range(num_classes)]
     from .datasets import DATASETS, MFNET_CLASSES, WHU_OPT_SAR_CLASSES, WORLDS
 
     key = spec.strip().lower().replace("-", "_")
