@@ -217,7 +217,8 @@ def check_weights_file(weights: str | None) -> None:
     if not Path(weights).is_file():
         raise UsageError(f"weights file {weights} not found")
     if Path(weights).suffix.lower() not in WEIGHT_SUFFIXES:
-        raise UsageError(f"weights file {weights}: expected a {' or '.join(WEIGHT_SUFFIXES)} file")
+        raise UsageError(f"weights file {weights}: expected a {', '.join(WEIGHT_SUFFIXES[:-1])} or "
+                         f"{WEIGHT_SUFFIXES[-1]} file (the backbone's state dict)")
 
 
 def _check_setting_types(raw: dict[str, Any]) -> None:
