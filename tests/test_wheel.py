@@ -76,9 +76,11 @@ def test_wheel_install_trains_evaluates_predicts_and_inspects_without_a_clone(tm
          "--pairs-dir", "data/val", "-o", "pred"], work, env)
     assert sorted(p.name for p in (work / "pred").iterdir()) == [
         "val_000_label.png", "val_000_panel.png", "val_001_label.png", "val_001_panel.png"]
-    shown = run([gopt, "inspect", "run/adapter.safetensors"], work, env).stdout
-    assert "3: sky, road, car" in shown and "vit_base_patch16_224" in shown
-    imported = run([python, "-c", "import gopt_adapter, gopt_adapter.recipe as r; "
-                                  "print(gopt_adapter.__file__, r.config_path('folder'))"], work, env).stdout.split()
-    for path in map(Path, imported):  # the package and its configs come from the wheel, not the checkout
+    # gopt inspect, in a process that also says where the package and its configs were loaded from
+    shown = run([python, "-c", "import sys, gopt_adapter, gopt_adapter.recipe as r, gopt_adapter.cli as cli; "
+                               "print(gopt_adapter.__file__, r.config_path('folder')); "
+                               "sys.exit(cli.main(['inspect', 'run/adapter.safetensors']))"], work, env).stdout
+    imported = shown.splitlines()[0].split()
+    for path in map(Path, imported):  # from the wheel in the venv, not from the checkout
         assert path.is_file() and path.is_relative_to(venv) and not path.is_relative_to(ROOT), imported
+    assert "3: sky, road, car" in shown and "vit_base_patch16_224" in shown
