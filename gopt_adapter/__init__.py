@@ -15,6 +15,7 @@ from .config import GoptConfig
 from .model import GoptSegmenter, apply_gopt, remove_gopt
 from .parameters import ParameterCount, count_parameters
 from .preprocessing import Preprocessing
+from .restore import restore_segmenter
 
 __all__ = [
     "AdapterError",
@@ -29,5 +30,6 @@ __all__ = [
     "load_adapter",
     "read_adapter_file",
     "remove_gopt",
+    "restore_segmenter",
     "save_adapter",
 ]

@@ -208,3 +208,26 @@ def test_train_then_inspect_predict_eval_with_only_the_weights(tmp_path, capsys,
     assert main(["predict", "--adapter", str(out / "adapter.safetensors"), "--weights", str(other), *pair,
                  "-o", str(tmp_path / "pred2")]) == 2
     assert "trained on other backbone weights" in capsys.readouterr().err
+
+
+def test_the_conversion_example_in_the_docs_makes_a_readable_folder(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from datasets_helpers import write_jpg
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    section = text[text.index("### Your own data: the folder layout"):text.index("### NYUDv2")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(block.strip().splitlines()) == 6  # an import line and five lines of conversion
+    source = tmp_path / "my_rgbd"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_jpg(source / "images" / f"{i:04d}.jpg", rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+        write_png(source / "depth" / f"{i:04d}.png", rng.integers(0, 60000, (24, 32), dtype=np.uint16))
+        write_png(source / "masks" / f"{i:04d}.png", rng.integers(0, 3, (24, 32), dtype=np.uint8))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace('"/data/my_rgbd"', repr(str(source))), "datasets.md", "exec"), {})
+    train, val = get_dataset("folder", "my_data", "train"), get_dataset("folder", "my_data", "val")
+    assert (len(train), len(val)) == (4, 2) and train.class_names == ("background", "chair", "table")
+    assert train[0]["label"].max() < 3
