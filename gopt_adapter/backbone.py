@@ -124,6 +124,8 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None,
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"weights file {weights} not found")
+        if path.suffix.lower() != ".safetensors":
+            check_pickle_is_tensors_only(path)  # whatever timm's loader does with it next
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())))
     else:
         kwargs["pretrained"] = bool(pretrained)
@@ -138,6 +140,21 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None,
         model = timm.create_model(name, **kwargs).eval()
     setattr(model, ORIGIN_ATTRIBUTE, {"name": name, "kwargs": dict(backbone_kwargs or {})})
     return model
+
+
+def check_pickle_is_tensors_only(path: Path) -> None:
+    """Raises ``ValueError`` unless ``torch.load(path, weights_only=True)`` reads the file: a
+    ``.pth`` that needs arbitrary pickled code is refused before any loader unpickles it."""
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format has no mmap
+    except Exception as exc:  # UnpicklingError for anything but tensors and plain containers
+        raise ValueError(f"weights file {path} cannot be loaded safely (torch.load with weights_only=True "
+                         f"refused it: {str(exc).splitlines()[0]}); convert it to .safetensors") from None
 
 
 #: Attribute of a model built by :func:`create_backbone`: ``{"name": timm name, "kwargs": {...}}``.

@@ -330,9 +330,10 @@ def _eval(args: argparse.Namespace) -> int:
     except recipe.UsageError as exc:
         raise CliError(str(exc), "See gopt eval --help") from None
     # the adapter's recorded backbone, unless --backbone names one (built with the config's kwargs,
-    # as gopt train builds it); files that record none fall back to the config's
+    # as gopt train builds it) or --set gives backbone_kwargs; files that record none use the config's
     named = args.backbone or (None if file.backbone_name else config.backbone)
-    segmenter, file = _restore(args, file, named, config.backbone_kwargs if named else None, seed=config.train.seed,
+    kwargs_given = named or any(item.startswith("backbone_kwargs") for item in args.set)
+    segmenter, file = _restore(args, file, named, config.backbone_kwargs if kwargs_given else None, seed=config.train.seed,
                                options="--backbone, --weights and backbone_kwargs (--config or --set)")
     num_classes = file.config.num_classes
     names = list(dataset.class_names)

@@ -303,7 +303,11 @@ def progress_line(epoch: int, epochs: int, step: int, total_steps: int, loss: fl
                   images_per_s: float, eta_s: float | None) -> str:
     """The plain progress line written where no bar is shown, e.g.
     ``epoch 2/4 step 40/64 loss 0.8123 lr 5.00e-04 61.2 img/s ETA 0:00:19``."""
-    eta = "-" if eta_s is None or not math.isfinite(eta_s) else time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0)))
+    if eta_s is None or not math.isfinite(eta_s):
+        eta = "-"
+    else:
+        seconds = int(max(eta_s, 0.0))
+        eta = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"  # hours may pass 24
     return (f"epoch {epoch}/{epochs} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} "
             f"{images_per_s:.1f} img/s ETA {eta}")
 

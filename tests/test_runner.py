@@ -80,6 +80,29 @@ def test_weights_that_do_not_fit_the_backbone(tmp_path, capsys):
     assert "do not fit backbone" in capsys.readouterr().err
 
 
+def test_pth_weights_are_loaded_only_when_they_hold_nothing_but_tensors(tmp_path, capsys):
+    """--weights FILE.pth goes through torch.load(weights_only=True) first: a pickle that would
+    run code is refused (and its code never runs); a plain state dict trains."""
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"pos_embed": Payload()}, tmp_path / "evil.pth")
+    assert runner.main([*SMALL, "--weights", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "evil")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be loaded safely" in err and err.count("\n") == 1 and not marker.exists()
+
+    config = runner.load_run_config(runner.parse_args(SMALL))
+    torch.save(runner.build_backbone(config).state_dict(), tmp_path / "good.pth")
+    out = tmp_path / "good"
+    assert runner.main([*SMALL, "--weights", str(tmp_path / "good.pth"), "--set", "train.epochs=1",
+                        "--set", "dataset_options.length=16", "--set", "val_options.length=2", "--out", str(out)]) == 0
+    record = read_json(out / "results.json")
+    assert record["backbone_init"] == "weights" and record["config"]["random_init"] is False  # the flag replaced it
+
+
 def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
     from gopt_adapter import engine
 
