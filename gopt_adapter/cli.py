@@ -333,7 +333,8 @@ def _eval(args: argparse.Namespace) -> int:
     # as gopt train builds it) or --set gives backbone_kwargs; files that record none use the config's
     named = args.backbone or (None if file.backbone_name else config.backbone)
     kwargs_given = named or any(item.startswith("backbone_kwargs") for item in args.set)
-    segmenter, file = _restore(args, file, named, config.backbone_kwargs if kwargs_given else None, seed=config.train.seed,
+    segmenter, file = _restore(args, file, named, config.backbone_kwargs if kwargs_given else None,
+                               seed=config.train.seed,
                                options="--backbone, --weights and backbone_kwargs (--config or --set)")
     num_classes = file.config.num_classes
     names = list(dataset.class_names)
@@ -532,6 +533,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     preprocessing = info["preprocessing"]
+    kwargs = "(kwargs not recorded)" if info["backbone_kwargs"] is None else json.dumps(info["backbone_kwargs"])
     rows = [
         ("file", info["file"]),
         ("size", f"{info['file_bytes']:,} bytes ({_size(info['file_bytes'])})"),
@@ -541,7 +543,7 @@ def _inspect(args: argparse.Namespace) -> int:
         ("tensors", f"{info['tensors']} ({info['buffers']} of them BatchNorm statistics, not trained)"),
         ("prompters before blocks", info["prompter_blocks"]),
         ("timm model", "not recorded: give gopt predict --backbone" if info["timm_model"] is None else
-         f"{info['timm_model']} {json.dumps(info['backbone_kwargs']) if info['backbone_kwargs'] is not None else '(kwargs not recorded)'}"),
+         f"{info['timm_model']} {kwargs}"),
         ("classes", "not recorded" if info["class_names"] is None else
          f"{len(info['class_names'])}: {', '.join(info['class_names'])}"),
         ("preprocessing", "stored; gopt predict applies it" if preprocessing is not None else

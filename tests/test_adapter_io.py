@@ -794,7 +794,8 @@ def test_class_names_and_timm_model_are_recorded_and_files_without_them_still_lo
         backbone_for_adapter(old_file)
     assert backbone_for_adapter(old_file, backbone="vit_base_patch16_224", backbone_kwargs=kwargs).embed_dim == 32
     for key, value in [("class_names", json.dumps(["a", "b"])), ("class_names", json.dumps([1, 2, 3])),
-                       ("timm_model", json.dumps({"kwargs": {}})), ("timm_model", json.dumps({"name": "x", "kwargs": 3}))]:
+                       ("timm_model", json.dumps({"kwargs": {}})),
+                       ("timm_model", json.dumps({"name": "x", "kwargs": 3}))]:
         (tmp_path / "bad.safetensors").write_bytes(adapter_io.seal(tensors, {**metadata, key: value}))
         with pytest.raises(AdapterError, match="invalid adapter metadata"):
             read_adapter_file(tmp_path / "bad.safetensors")

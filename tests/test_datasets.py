@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets_helpers import FIXTURES, make_folder, make_mfnet, make_nyudv2, make_pst900, make_whu_scenes, write_png, write_tif
+from datasets_helpers import (FIXTURES, make_folder, make_mfnet, make_nyudv2, make_pst900, make_whu_scenes, write_png,
+                              write_tif)
 from gopt_adapter.datasets import (
     DATASETS,
     MFNet,
