@@ -23,12 +23,7 @@ TRAIN = ["--set", f"backbone_kwargs={json.dumps(KWARGS)}", "--set", "train.epoch
          "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_weights(path, seed=0):

@@ -37,6 +37,7 @@ from .base import (
     Transform,
     check_choice,
     check_image,
+    files_by_stem,
     find_image,
     map_labels,
     read_image,
@@ -95,16 +96,6 @@ def _header(path: Path) -> tuple[int, int, int]:
         raise ValueError(f"cannot decode {path}: {exc}") from None
 
 
-def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in suffixes:
-            if path.stem in found:
-                raise ValueError(f"two files with stem {path.stem!r}: {found[path.stem]} and {path}")
-            found[path.stem] = path
-    return found
-
-
 class FolderDataset(FileSegDataset):
     """A user's dataset in the folder layout above.
 
@@ -147,8 +138,8 @@ class FolderDataset(FileSegDataset):
             raise FileNotFoundError(f"split folder not found: {split_dir} (splits in {self.root}: "
                                     f"{', '.join(present) or 'none'})")
         dirs = {kind: require_dir(split_dir / kind, f"{kind} folder") for kind in ("rgb", "aux", "label")}
-        rgb = _files(dirs["rgb"], RGB_SUFFIXES)
-        aux, label = _files(dirs["aux"], AUX_SUFFIXES), _files(dirs["label"], (".png",))
+        rgb = files_by_stem(dirs["rgb"], RGB_SUFFIXES)
+        aux, label = files_by_stem(dirs["aux"], AUX_SUFFIXES), files_by_stem(dirs["label"], (".png",))
         for kind, files in (("aux", aux), ("label", label)):
             orphans = sorted(set(files) - set(rgb))
             if orphans:
