@@ -226,3 +226,12 @@ def test_the_conversion_example_in_the_docs_makes_a_readable_folder(tmp_path, mo
     train, val = get_dataset("folder", "my_data", "train"), get_dataset("folder", "my_data", "val")
     assert (len(train), len(val)) == (4, 2) and train.class_names == ("background", "chair", "table")
     assert train[0]["label"].max() < 3
+
+
+def test_gopt_train_without_a_backbone_choice_names_the_three_flags(tmp_path, capsys):
+    make_folder(tmp_path / "data", {"train": 4, "val": 1})
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--root", str(tmp_path / "data"), "--out", str(out), *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exactly one of --weights FILE, --pretrained or --random-init" in err
+    assert not out.exists()
