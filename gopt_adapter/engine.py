@@ -302,7 +302,7 @@ def terminal_progress(iterable: Iterable | None, desc: str, enabled: bool, total
 def progress_line(epoch: int, epochs: int, step: int, total_steps: int, loss: float, lr: float,
                   images_per_s: float, eta_s: float | None) -> str:
     """The plain progress line written where no bar is shown, e.g.
-    ``epoch 2/4 step 40/64 loss 0.8123 lr 5.00e-04 61.2 img/s ETA 0:00:19``."""
+    ``epoch 2/4 step 40/64 loss 0.8123 lr 5.00e-04 61.2 img/s ETA 00:00:19``."""
     if eta_s is None or not math.isfinite(eta_s):
         eta = "-"
     else:
@@ -361,6 +361,7 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.train_images, self.train_seconds = 0, 0.0  # over all ranks, for throughput
         self.wall_seconds = 0.0
+        self._session = (time.perf_counter(), 0)  # start time and step of this fit(), for the ETA
         self.metrics: dict[str, Any] = {}
         self.metrics_epoch: int | None = None  # the epoch self.metrics were measured after
         if self.ctx.is_main:
@@ -488,7 +489,7 @@ class Trainer:
         if resumed:
             self.log({"event": "resume", "epoch": self.epoch, "step": self.step})
         start, before = time.perf_counter(), self.wall_seconds
-        self._session = (start, self.step)  # for the ETA of the plain progress lines
+        self._session = (start, self.step)
         for epoch in range(self.epoch, until):
             self.train_epoch(epoch)
             self.epoch = epoch + 1
@@ -532,7 +533,7 @@ class Trainer:
         live bar is shown (see :func:`live_progress`)."""
         if not self.config.progress or not self.ctx.is_main or live_progress(True):
             return
-        started, first_step = getattr(self, "_session", (time.perf_counter(), 0))
+        started, first_step = self._session
         done = self.step - first_step
         eta = (time.perf_counter() - started) / done * (self.total_steps - self.step) if done > 0 else None
         print(progress_line(epoch, self.config.epochs, self.step, self.total_steps, loss, lr, images_per_s, eta),
@@ -559,7 +560,8 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         start, seen = time.perf_counter(), 0
         running = torch.zeros((), device=self.device)  # this rank's loss of the current step
-        batches = terminal_progress(self.loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.ctx.is_main)
+        batches = terminal_progress(self.loader, f"epoch {epoch + 1}/{config.epochs}",
+                                    config.progress and self.ctx.is_main)
         for index, batch in enumerate(batches):
             if index >= self.steps_per_epoch * config.grad_accum:
                 break
