@@ -16,6 +16,7 @@ from .export import export_onnx
 from .model import GoptSegmenter, apply_gopt, remove_gopt
 from .parameters import ParameterCount, count_parameters
 from .preprocessing import Preprocessing
+from .restore import restore_segmenter
 
 __all__ = [
     "AdapterError",
@@ -31,5 +32,6 @@ __all__ = [
     "load_adapter",
     "read_adapter_file",
     "remove_gopt",
+    "restore_segmenter",
     "save_adapter",
 ]

@@ -29,7 +29,8 @@ class GoptAdapter(nn.Module):
     """All weights a task adds to a frozen backbone; saved and swapped as one unit.
 
     ``prompters[k]`` sits before block ``block_indices[k]``. ``preprocessing`` (optional) records
-    how raw image files were scaled and normalised for training; it is saved with the adapter.
+    how raw image files were scaled and normalised for training, ``class_names`` (optional) the
+    names of the classes it predicts; both are saved with the adapter.
     """
 
     def __init__(self, config: GoptConfig, spec: BackboneSpec) -> None:
@@ -46,6 +47,7 @@ class GoptAdapter(nn.Module):
         self.prompters = nn.ModuleList(GroupingPrompter(config, spec.embed_dim) for _ in self.block_indices)
         self.head = build_head(config.head, spec.num_features, config.num_classes, config.head_channels)
         self.preprocessing = None
+        self.class_names = None
         self.reset_parameters()
 
     @property
@@ -58,6 +60,21 @@ class GoptAdapter(nn.Module):
         if value is not None and not isinstance(value, Preprocessing):
             raise TypeError(f"preprocessing must be a Preprocessing or None, got {type(value).__name__}")
         self._preprocessing = value
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Names of the ``num_classes`` classes, index = class id (``None``: not recorded)."""
+        return self._class_names
+
+    @class_names.setter
+    def class_names(self, value) -> None:
+        if value is not None:
+            value = tuple(value)
+            if not all(isinstance(name, str) for name in value):
+                raise TypeError(f"class_names must be strings, got {value!r}")
+            if len(value) != self.config.num_classes:
+                raise ValueError(f"{len(value)} class names for an adapter of {self.config.num_classes} classes")
+        self._class_names = value
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

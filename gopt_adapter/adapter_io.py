@@ -9,6 +9,13 @@ head with its BatchNorm buffers) and string metadata:
   tokens and the SHA-256 of the frozen weights);
 - ``preprocessing`` (optional): the adapter's :class:`Preprocessing` as JSON (aux scaling and
   mean/std for ``gopt predict``); files without it load with ``preprocessing=None``;
+- ``class_names`` (optional): the JSON list of the adapter's class names;
+- ``timm_model`` (optional): ``{"name": ..., "kwargs": {...} or null}``, the timm model name
+  and ``create_model`` kwargs the backbone was built with
+  (:func:`~gopt_adapter.backbone.backbone_origin`), so that ``gopt predict`` / ``gopt eval``
+  rebuild it from the file plus the weights (:func:`gopt_adapter.restore.backbone_for_adapter`);
+  optional keys are an addition within format version 2: files without them load with
+  ``None``;
 - ``checksum``: SHA-256 over all other metadata, the tensor index (every tensor's name, dtype,
   shape and offsets) and the data bytes, so a flipped bit anywhere in the file is caught
   before any weight is copied. It is one pass over the file's bytes: verifying a ViT-B
@@ -31,7 +38,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
 from .adapter import GoptAdapter
-from .backbone import BackboneSpec
+from .backbone import BackboneSpec, backbone_origin
 from .config import GoptConfig
 from .files import atomic_write_bytes
 from .preprocessing import Preprocessing, check_aux_channels
@@ -59,6 +66,9 @@ class AdapterFile:
     library_version: str
     tensors: dict[str, torch.Tensor]
     preprocessing: Preprocessing | None = None
+    class_names: tuple[str, ...] | None = None
+    backbone_name: str | None = None  # the timm model name (None: not recorded)
+    backbone_kwargs: dict[str, Any] | None = None  # its create_model kwargs (None: not recorded)
 
 
 def fingerprint(spec: BackboneSpec, weights_sha256: str) -> dict[str, Any]:
@@ -114,8 +124,13 @@ def seal(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> by
     return sealed
 
 
-def encode_adapter(adapter: GoptAdapter, backbone: Mapping[str, Any], dtype: torch.dtype | None = None) -> bytes:
-    """Serialises an adapter to the bytes of a safetensors file (floating tensors cast to ``dtype``)."""
+def encode_adapter(adapter: GoptAdapter, backbone: Mapping[str, Any], dtype: torch.dtype | None = None,
+                   origin: Mapping[str, Any] | None = None) -> bytes:
+    """Serialises an adapter to the bytes of a safetensors file (floating tensors cast to ``dtype``).
+
+    ``origin`` (``{"name", "kwargs"}``, see :func:`~gopt_adapter.backbone.backbone_origin`) is
+    recorded as ``timm_model``; kwargs that are not JSON are recorded as unknown (``null``).
+    """
     if not isinstance(adapter, GoptAdapter):
         raise TypeError(f"adapter files hold GoPT adapters, not {type(adapter).__name__}")
     if dtype is not None and dtype not in _SAVE_DTYPES:
@@ -136,6 +151,14 @@ def encode_adapter(adapter: GoptAdapter, backbone: Mapping[str, Any], dtype: tor
     if adapter.preprocessing is not None:
         check_aux_channels(adapter.preprocessing.normalize, adapter.config.aux_channels)
         metadata["preprocessing"] = json.dumps(adapter.preprocessing.to_dict(), sort_keys=True)
+    if adapter.class_names is not None:
+        metadata["class_names"] = json.dumps(list(adapter.class_names))
+    if origin is not None:
+        try:
+            kwargs = json.loads(json.dumps(origin.get("kwargs"), sort_keys=True))
+        except (TypeError, ValueError):  # e.g. a layer class as a kwarg: cannot be rebuilt from JSON
+            kwargs = None
+        metadata["timm_model"] = json.dumps({"name": str(origin["name"]), "kwargs": kwargs}, sort_keys=True)
     return seal(tensors, metadata)
 
 
@@ -184,7 +207,31 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
             check_aux_channels(preprocessing.normalize, config.aux_channels)
         except ValueError as exc:
             raise AdapterError(f"{path}: invalid preprocessing ({exc})") from None
-    return AdapterFile(path, config, backbone, metadata["library_version"], tensors, preprocessing)
+    class_names, name, kwargs = _read_optional(metadata, config, path)
+    return AdapterFile(path, config, backbone, metadata["library_version"], tensors, preprocessing,
+                       class_names, name, kwargs)
+
+
+def _read_optional(metadata: Mapping[str, str], config: GoptConfig, path: Path):
+    """``class_names``, timm name and kwargs of the metadata (each ``None`` when absent)."""
+    class_names = name = kwargs = None
+    try:
+        if "class_names" in metadata:
+            class_names = json.loads(metadata["class_names"])
+            if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
+                raise ValueError("class_names must be a JSON list of strings")
+            if len(class_names) != config.num_classes:
+                raise ValueError(f"{len(class_names)} class names for {config.num_classes} classes")
+            class_names = tuple(class_names)
+        if "timm_model" in metadata:
+            model = json.loads(metadata["timm_model"])
+            if not (isinstance(model, dict) and isinstance(model.get("name"), str)
+                    and (model.get("kwargs") is None or isinstance(model["kwargs"], dict))):
+                raise ValueError("timm_model must be {\"name\": str, \"kwargs\": object or null}")
+            name, kwargs = model["name"], model.get("kwargs")
+    except ValueError as exc:
+        raise AdapterError(f"{path}: invalid adapter metadata ({exc})") from None
+    return class_names, name, kwargs
 
 
 def check_backbone(file: AdapterFile, expected: Mapping[str, Any], allow_weights_mismatch: bool = False) -> None:
@@ -242,7 +289,7 @@ def save_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, dtype: tor
                  adapter_name: str | None = None) -> Path:
     """Writes one adapter (the active one by default) to a single ``.safetensors`` file."""
     adapter = segmenter.get_adapter(adapter_name)
-    data = encode_adapter(adapter, segmenter.backbone_fingerprint(), dtype)
+    data = encode_adapter(adapter, segmenter.backbone_fingerprint(), dtype, backbone_origin(segmenter.backbone))
     atomic_write_bytes(path, data)
     return Path(path)
 
@@ -284,3 +331,4 @@ def _load_checked(adapter: GoptAdapter, file: AdapterFile) -> None:
     sources = [file.tensors[name].to(target.device) for name, target in state.items()]  # no-op on the CPU
     torch._foreach_copy_(targets, sources)  # one call for every tensor; casts dtypes
     adapter.preprocessing = file.preprocessing
+    adapter.class_names = file.class_names

@@ -106,13 +106,16 @@ class BackboneSpec:
 
 
 def create_backbone(name: str, weights: str | os.PathLike | None = None,
-                    backbone_kwargs: dict[str, Any] | None = None) -> nn.Module:
+                    backbone_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
     """``timm.create_model`` for dense prediction at any size, in eval mode, with local weights
-    (safetensors or ``.pth``) if given and no classifier (``num_classes=0``).
+    (safetensors or ``.pth``, read with ``weights_only=True``) if given, timm's own download
+    with ``pretrained=True``, else random weights; no classifier (``num_classes=0``).
 
     Models that have no ``dynamic_img_size`` option (Beit) are built at their fixed
-    ``img_size``. Raises ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError``
-    (weights that do not fit) with timm's message.
+    ``img_size``. The model remembers ``name`` and ``backbone_kwargs``
+    (:data:`ORIGIN_ATTRIBUTE`) so that adapter files record how to build it again. Raises
+    ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError`` (weights that do not
+    fit) with timm's message.
     """
     import timm
 
@@ -121,16 +124,55 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None,
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"weights file {weights} not found")
+        if path.suffix.lower() != ".safetensors":
+            check_pickle_is_tensors_only(path)  # whatever timm's loader does with it next
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())))
     else:
-        kwargs["pretrained"] = False
+        kwargs["pretrained"] = bool(pretrained)
+    model = None
     if "dynamic_img_size" not in kwargs:
         try:
-            return timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
+            model = timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
         except TypeError as exc:
             if "dynamic_img_size" not in str(exc):
                 raise
-    return timm.create_model(name, **kwargs).eval()
+    if model is None:
+        model = timm.create_model(name, **kwargs).eval()
+    setattr(model, ORIGIN_ATTRIBUTE, {"name": name, "kwargs": dict(backbone_kwargs or {})})
+    return model
+
+
+def check_pickle_is_tensors_only(path: Path) -> None:
+    """Raises ``ValueError`` unless ``torch.load(path, weights_only=True)`` reads the file: a
+    ``.pth`` that needs arbitrary pickled code is refused before any loader unpickles it."""
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format has no mmap
+    except Exception as exc:  # UnpicklingError for anything but tensors and plain containers
+        raise ValueError(f"weights file {path} cannot be loaded safely (torch.load with weights_only=True "
+                         f"refused it: {str(exc).splitlines()[0]}); convert it to .safetensors") from None
+
+
+#: Attribute of a model built by :func:`create_backbone`: ``{"name": timm name, "kwargs": {...}}``.
+ORIGIN_ATTRIBUTE = "gopt_origin"
+
+
+def backbone_origin(model: nn.Module) -> dict[str, Any] | None:
+    """How to build ``model`` again: the timm name and kwargs :func:`create_backbone` got, else the
+    name timm recorded (``pretrained_cfg`` architecture and tag) with unknown kwargs (``None``);
+    ``None`` for a model timm did not build."""
+    origin = getattr(model, ORIGIN_ATTRIBUTE, None)
+    if isinstance(origin, dict):
+        return {"name": origin["name"], "kwargs": dict(origin["kwargs"])}
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        tag = cfg.get("tag")
+        return {"name": f"{cfg['architecture']}.{tag}" if tag else cfg["architecture"], "kwargs": None}
+    return None
 
 
 def _block_width(block: nn.Module) -> int | None:

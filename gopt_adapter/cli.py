@@ -10,19 +10,16 @@ raised, exit status 1. ``--debug`` (anywhere on the command line) shows the trac
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from .datasets.base import AUX_NORMALIZATIONS
 
-RUNNER_PROG = "python -m benchmarks.run"
 DEBUG_HELP = "show the full traceback of an error (accepted anywhere on the command line)"
 
 
@@ -36,48 +33,66 @@ class CliError(Exception):
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    """``gopt`` and its subcommands: each ``_add_<command>`` adds one; :data:`HANDLERS` runs it."""
     parser = argparse.ArgumentParser(
         prog="gopt", description="GoPT adapters for frozen timm ViTs: train, evaluate, predict, inspect.",
         epilog="Run 'gopt COMMAND --help' for the options of a command. --debug (anywhere): " + DEBUG_HELP + ".")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_inspect, _add_export):
+        add(commands)
+    return parser
 
+
+def _add_weights_options(sub: argparse.ArgumentParser) -> None:
+    """Rebuilding the adapter's backbone: from the adapter file plus --weights; the rest overrides."""
+    sub.add_argument("--weights", help="backbone weights file (.safetensors/.pth) the adapter was trained on; without "
+                                       "it the backbone is randomly initialised and the fingerprint check refuses it")
+    sub.add_argument("--backbone", help="timm model name (default: the one recorded in the adapter file)")
+    sub.add_argument("--allow-backbone-mismatch", action="store_true",
+                     help="run even if the backbone weights differ from those the adapter was trained on")
+
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="train foundation + GoPT on the built-in synthetic world (CPU, minutes)")
     demo.add_argument("--mode", default="depth", choices=("depth", "thermal", "sar"), help="auxiliary modality")
     demo.add_argument("--out", default="runs/demo", help="folder for checkpoints, logs and the adapter")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, the backbone and the "
                                                               "adapter initialisation (default 0)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--no-progress", action="store_true", help="no progress output")
 
+
+def _add_train(commands) -> None:
     commands.add_parser("train", add_help=False,
-                        help="train and evaluate one variant on one dataset (the benchmark runner; "
-                             "'gopt train --help' lists its options)")
+                        help="train and evaluate one variant on one dataset, e.g. your own folder of images "
+                             "('gopt train --help' lists its options)")
 
+
+def _add_eval(commands) -> None:
     ev = commands.add_parser(
         "eval", help="evaluate a saved adapter on a dataset split and print the metrics",
         description="Evaluates a saved adapter file on a split of a dataset and prints per-class IoU and the "
-                    "metrics (last line: JSON). The dataset, its transforms and the backbone come from "
-                    "benchmarks/configs/<dataset>.json (or --config) and the flags, exactly as 'gopt train' "
-                    "builds them, so an adapter written by 'gopt train' evaluates on the backbone it was trained on.")
-    ev.add_argument("--dataset", required=True, help="dataset registry name (nyudv2, sunrgbd, mfnet, pst900, "
+                    "metrics (last line: JSON). The dataset and its transforms come from the package's "
+                    "configs/<dataset>.json (or --config) and the flags, exactly as 'gopt train' builds them; the "
+                    "backbone is rebuilt from the adapter file (its timm name and kwargs) plus --weights.")
+    ev.add_argument("--dataset", required=True, help="dataset registry name (folder, nyudv2, sunrgbd, mfnet, pst900, "
                                                      "whu_opt_sar, synthetic)")
     ev.add_argument("--adapter", required=True, help="adapter file (.safetensors) to evaluate")
     ev.add_argument("--root", help="folder of your copy of the dataset (not needed for synthetic)")
-    ev.add_argument("--split", help="split to evaluate (default: the config's val_split: test; synthetic: val)")
-    ev.add_argument("--config", help="JSON settings file (default: benchmarks/configs/<dataset>.json)")
-    ev.add_argument("--backbone", help="timm model name (default from the config)")
-    ev.add_argument("--weights", help="backbone weights file (.pth/.safetensors) the adapter was trained on")
+    ev.add_argument("--split", help="split to evaluate (default: the config's val_split: test; synthetic, folder: val)")
+    ev.add_argument("--config", help="JSON settings file (default: the package's configs/<dataset>.json)")
+    _add_weights_options(ev)
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting as in gopt train, e.g. val_options.length=64 or "
                          "dataset_options.mode=\"thermal\" (repeatable)")
     ev.add_argument("--window", type=int, help="sliding-window evaluation with this square window (pixels)")
     ev.add_argument("--stride", type=int, help="stride of the sliding window, 1..window (default: the window, no overlap)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    ev.add_argument("--allow-backbone-mismatch", action="store_true",
-                    help="evaluate even if the backbone weights differ from those the adapter was trained on")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
+
+def _add_predict(commands) -> None:
     pr = commands.add_parser(
         "predict", help="segment real RGB + auxiliary image pairs; write label PNGs and figure panels",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,22 +114,19 @@ files without one, the training defaults; --aux-scale, --aux-max, --rgb-mean, --
 stderr. Images whose size is not a multiple of the patch size are zero-padded after
 normalisation (i.e. with the mean colour, like the training crop) at the bottom/right;
 the logits are cropped back to the input size.""",
-        epilog="example: gopt predict --backbone vit_base_patch16_224.mae --weights mae.pth --adapter "
-               "nyu.safetensors --class-names nyudv2 rgb.png depth.png -o out/")
+        epilog="example: gopt predict --weights mae.pth --adapter nyu.safetensors rgb.png depth.png -o out/")
     pr.add_argument("inputs", nargs="*", metavar="IMAGE", help="RGB AUX, or one 4-channel image")
     pr.add_argument("-o", "--out", required=True, help="output folder (created; must not be a file)")
     pr.add_argument("--pairs-dir", metavar="DIR", help="folder of pairs: rgb/ + aux/ matched by stem (see above)")
-    pr.add_argument("--backbone", required=True, help="timm model name of the backbone the adapter was trained on")
-    pr.add_argument("--weights", help="backbone weights file (.safetensors/.pth); without it the backbone is "
-                                      "randomly initialised and the fingerprint check will fail")
-    pr.add_argument("--backbone-kwargs", metavar="JSON", help="extra timm.create_model arguments as a JSON object, "
-                                                              "e.g. '{\"embed_dim\":32,\"depth\":2,\"num_heads\":2}'")
+    _add_weights_options(pr)
+    pr.add_argument("--backbone-kwargs", metavar="JSON",
+                    help="timm.create_model arguments as a JSON object, replacing those recorded in the adapter file, "
+                         "e.g. '{\"embed_dim\":32,\"depth\":2,\"num_heads\":2}'")
     pr.add_argument("--adapter", required=True, help="adapter file (.safetensors) written by save_adapter")
-    pr.add_argument("--allow-backbone-mismatch", action="store_true",
-                    help="run even if the backbone weights differ from those the adapter was trained on")
     pr.add_argument("--class-names", metavar="NAMES",
                     help="comma-separated names, or a dataset whose names to use (nyudv2, sunrgbd, mfnet, pst900, "
-                         "whu_opt_sar, synthetic[:mode]); default 'class 0', 'class 1', ...")
+                         "whu_opt_sar, synthetic[:mode]); default: the names stored in the adapter, else "
+                         "'class 0', 'class 1', ...")
     pr.add_argument("--aux-scale", choices=AUX_NORMALIZATIONS,
                     help="fixed: divide by --aux-max and clip; per_image: min-max per image (default: stored in "
                          "the adapter, else fixed)")
@@ -136,6 +148,8 @@ the logits are cropped back to the input size.""",
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
+
+def _add_inspect(commands) -> None:
     ins = commands.add_parser(
         "inspect", help="print an adapter file's config, parameters, dtype, size, preprocessing, backbone "
                         "fingerprint and version",
@@ -147,22 +161,22 @@ the logits are cropped back to the input size.""",
     ins.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ins.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
+
+def _add_export(commands) -> None:
     ex = commands.add_parser(
         "export", help="export an adapter with its backbone as one ONNX model and check it against PyTorch",
-        description="Rebuilds the backbone as gopt predict does, wraps it with the adapter and writes the segmenter "
-                    "(eval mode) as ONNX: inputs rgb [B, 3, H, W] and aux [B, C, H, W], output logits [B, K, H, W], "
-                    "the batch axis dynamic. Before reporting success it runs ONNX Runtime (CPU) on a random "
-                    "input and prints the largest difference from PyTorch's logits; the file is only written if "
-                    "that is within 1e-4. Needs the export extra: pip install 'gopt-adapter[export]'.",
-        epilog="example: gopt export --backbone vit_base_patch16_224.mae --weights mae.pth --adapter nyu.safetensors "
-               "--size 480 640 --dynamic-size -o nyu.onnx")
+        description="Rebuilds the backbone as gopt predict does (the adapter file's timm model plus --weights), "
+                    "wraps it with the adapter and writes the segmenter (eval mode) as ONNX: inputs rgb [B, 3, H, W] "
+                    "and aux [B, C, H, W], output logits [B, K, H, W], the batch axis dynamic. Before reporting "
+                    "success it runs ONNX Runtime (CPU) on a random input and prints the largest difference from "
+                    "PyTorch's logits; the file is only written if that is within 1e-4. Needs the export extra: "
+                    "pip install 'gopt-adapter[export]'.",
+        epilog="example: gopt export --weights mae.pth --adapter nyu.safetensors --size 480 640 --dynamic-size "
+               "-o nyu.onnx")
     ex.add_argument("--adapter", required=True, help="adapter file (.safetensors) written by save_adapter")
-    ex.add_argument("--backbone", help="timm model name of the backbone the adapter was trained on (default: the "
-                                       "name recorded in the adapter file, where it has one)")
-    ex.add_argument("--weights", help="backbone weights file (.safetensors/.pth) the adapter was trained on")
-    ex.add_argument("--backbone-kwargs", metavar="JSON", help="extra timm.create_model arguments as a JSON object")
-    ex.add_argument("--allow-backbone-mismatch", action="store_true",
-                    help="export even if the backbone weights differ from those the adapter was trained on")
+    _add_weights_options(ex)
+    ex.add_argument("--backbone-kwargs", metavar="JSON",
+                    help="timm.create_model arguments as a JSON object, replacing those recorded in the adapter file")
     ex.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
                     help="image size of the graph (the traced size with --dynamic-size)")
     ex.add_argument("--dynamic-size", action="store_true",
@@ -170,7 +184,6 @@ the logits are cropped back to the input size.""",
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     ex.add_argument("-o", "--out", required=True, help="the .onnx file to write (its folder must exist)")
     ex.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    return parser
 
 
 # --------------------------------------------------------------------------- entry
@@ -182,14 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "train":
             return _train(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command == "demo":
-            from .demo import DemoConfig, run_demo
-
-            result = run_demo(replace(DemoConfig(), mode=args.mode, out=args.out, seed=args.seed),
-                              progress=not args.no_progress)
-            return 0 if result["reloaded_identical"] else 1
-        handlers = {"eval": _eval, "predict": _predict, "inspect": _inspect, "export": _export}
-        return handlers[args.command](args)
+        return HANDLERS[args.command](args)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -232,22 +238,6 @@ def _bug_report(exc: Exception) -> CliError:
 
 
 # --------------------------------------------------------------------------- helpers
-def _import_runner():
-    """``benchmarks.run`` from the repository checkout (it is not part of the wheel)."""
-    try:
-        from benchmarks import run as runner
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        if not (root / "benchmarks" / "run.py").is_file():
-            raise CliError("gopt train and gopt eval use the benchmark runner (benchmarks/run.py), which comes with "
-                           "the repository, not the installed package",
-                           "install from a clone: git clone ... && pip install -e . (or run python -m benchmarks.run "
-                           "inside the clone)") from None
-        sys.path.insert(0, str(root))
-        from benchmarks import run as runner
-    return runner
-
-
 def _adapter_error(exc: Exception, backbone_options: str = "--backbone, --backbone-kwargs and --weights",
                    weights_given: bool = True) -> CliError:
     message = str(exc)
@@ -290,63 +280,86 @@ def _device(name: str | None):
     return device
 
 
+# --------------------------------------------------------------------------- demo
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    result = run_demo(replace(DemoConfig(), mode=args.mode, out=args.out, seed=args.seed),
+                      progress=not args.no_progress)
+    return 0 if result["reloaded_identical"] else 1
+
+
 # --------------------------------------------------------------------------- train
 def _train(rest: list[str]) -> int:
-    runner = _import_runner()
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            args = runner.parse_args(rest)
-    except SystemExit as exc:  # --help or a parse error: show it under the name gopt train
-        def renamed(text: str) -> str:  # usage continuation lines are indented to the program name
-            indent = " " * (len("usage: ") + len(RUNNER_PROG) + 1)
-            text = text.replace("\n" + indent, "\n" + " " * (len("usage: ") + len("gopt train") + 1))
-            return text.replace(RUNNER_PROG, "gopt train")
+    from . import recipe
 
-        sys.stdout.write(renamed(out.getvalue()))
-        sys.stderr.write(renamed(err.getvalue()))
+    try:
+        args = recipe.parse_args(rest, "gopt train")
+    except SystemExit as exc:  # --help, or a usage error argparse has printed
         if exc.code == 0 and ("-h" in rest or "--help" in rest):
             print(f"\n  --debug               {DEBUG_HELP}")
         return int(exc.code or 0)
     try:
-        config = runner.load_run_config(args)
-        record = runner.run(config, resume=args.resume, device=args.device)
-    except runner.UsageError as exc:
+        config = recipe.load_run_config(args)
+        record = recipe.run(config, resume=args.resume, device=args.device)
+    except recipe.UsageError as exc:
         raise CliError(str(exc), "See gopt train --help") from None
+    finally:
+        recipe.shutdown_distributed()
     print(json.dumps({k: v for k, v in record["metrics"].items() if isinstance(v, float)}))
     print(f"results.json and adapter.safetensors (GoPT variants) in {config.out}", file=sys.stderr)
     return 0
 
 
+def _restore(args: argparse.Namespace, file, backbone: str | None, backbone_kwargs: dict | None,
+             seed: int | None = None, options: str = "--backbone, --backbone-kwargs and --weights"):
+    """The adapter's segmenter rebuilt from the file plus ``--weights``, errors as one line."""
+    from .adapter_io import AdapterError
+    from .restore import BackboneBuildError, restore_segmenter
+
+    try:
+        return restore_segmenter(file, args.weights, backbone, backbone_kwargs, args.allow_backbone_mismatch, seed)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc), "Check the --weights path") from None
+    except BackboneBuildError as exc:
+        raise CliError(str(exc), "Check --backbone (a timm model name), its kwargs and that --weights belong to "
+                                 "that model") from None
+    except AdapterError as exc:
+        if "records no timm model name" in str(exc):
+            raise CliError(str(exc), "Pass --backbone NAME (and its kwargs) the adapter was trained with") from None
+        raise _adapter_error(exc, options, bool(args.weights)) from None
+    except TypeError as exc:  # not a ViT GoPT can wrap
+        raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
+
+
 # --------------------------------------------------------------------------- eval
 def _eval(args: argparse.Namespace) -> int:
+    from . import recipe
     from .adapter_io import AdapterError, read_adapter_file
     from .engine import evaluate, seed_everything
-    from .predict import load_segmenter
 
-    runner = _import_runner()
     namespace = argparse.Namespace(dataset=args.dataset, root=args.root, variant=None, config=args.config,
-                                   backbone=args.backbone, weights=args.weights, out=None,
-                                   train_split=args.split, val_split=args.split, set=args.set)
+                                   backbone=args.backbone, out=None, train_split=args.split, val_split=args.split,
+                                   set=args.set)
     try:
         file = read_adapter_file(args.adapter)
     except AdapterError as exc:
         raise _adapter_error(exc) from None
     device = _device(args.device)
     try:
-        config = runner.load_run_config(namespace)
-        seed_everything(config.train.seed)  # as runner.run: random-init backbones come out identical
-        _, dataset = runner.build_datasets(config)
-        backbone = runner.build_backbone(config)
-    except runner.UsageError as exc:
+        config = recipe.load_run_config(namespace)
+        recipe.check_weights_file(args.weights)
+        seed_everything(config.train.seed)
+        _, dataset = recipe.build_datasets(config)
+    except recipe.UsageError as exc:
         raise CliError(str(exc), "See gopt eval --help") from None
-    try:
-        segmenter, file = load_segmenter(backbone, file, args.allow_backbone_mismatch)
-    except AdapterError as exc:
-        raise _adapter_error(exc, "--backbone, --weights and backbone_kwargs (--config or --set)",
-                             bool(config.weights)) from None
-    except TypeError as exc:  # not a ViT GoPT can wrap
-        raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
+    # the adapter's recorded backbone, unless --backbone names one (built with the config's kwargs,
+    # as gopt train builds it) or --set gives backbone_kwargs; files that record none use the config's
+    named = args.backbone or (None if file.backbone_name else config.backbone)
+    kwargs_given = named or any(item.startswith("backbone_kwargs") for item in args.set)
+    segmenter, file = _restore(args, file, named, config.backbone_kwargs if kwargs_given else None,
+                               seed=config.train.seed,
+                               options="--backbone, --weights and backbone_kwargs (--config or --set)")
     num_classes = file.config.num_classes
     names = list(dataset.class_names)
     if len(names) != num_classes:
@@ -385,9 +398,8 @@ def _pair_error(exc: Exception) -> CliError:
 
 def _predict(args: argparse.Namespace) -> int:
     from .adapter_io import AdapterError, read_adapter_file
-    from .backbone import create_backbone
-    from .predict import (find_pairs, load_segmenter, parse_json_kwargs, predict_labels, read_pair,
-                          resolve_class_names, write_prediction)
+    from .engine import terminal_progress
+    from .predict import find_pairs, parse_json_kwargs, predict_labels, read_pair, resolve_class_names, write_prediction
 
     if args.pairs_dir and args.inputs:
         raise CliError("give either image files or --pairs-dir, not both", "See gopt predict --help")
@@ -418,13 +430,13 @@ def _predict(args: argparse.Namespace) -> int:
         raise _adapter_error(exc) from None
     config = file.config
     try:
-        class_names = resolve_class_names(args.class_names, config.num_classes)
+        class_names = resolve_class_names(args.class_names, config.num_classes, file.class_names)
     except ValueError as exc:
         raise CliError(str(exc), f"give {config.num_classes} comma-separated names or the dataset the adapter was "
                                  "trained on") from None
     preprocessing, source = _preprocessing(args, file)
     try:
-        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs)
+        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
     except ValueError as exc:
         raise CliError(str(exc), "See gopt predict --help") from None
     device = _device(args.device)
@@ -436,32 +448,12 @@ def _predict(args: argparse.Namespace) -> int:
             raise _pair_error(exc) from None
 
     first = read(*jobs[0][1:])  # a bad input is reported before the backbone is built
-    try:
-        model = create_backbone(args.backbone, args.weights, backbone_kwargs)
-    except FileNotFoundError as exc:
-        raise CliError(str(exc), "Check the --weights path") from None
-    except (RuntimeError, TypeError, ValueError) as exc:
-        first = " ".join(str(exc).split()) or type(exc).__name__
-        first = first if len(first) <= 300 else first[:300] + " (...)"
-        what = f"cannot build backbone {args.backbone!r}" + (f" with weights {args.weights}" if args.weights else "")
-        raise CliError(f"{what}: {first}",
-                       "Check --backbone (a timm model name), --backbone-kwargs and that --weights belong to "
-                       "that model") from None
-    try:
-        segmenter, _ = load_segmenter(model, file, args.allow_backbone_mismatch)
-    except AdapterError as exc:
-        raise _adapter_error(exc, weights_given=bool(args.weights)) from None
-    except TypeError as exc:  # not a ViT GoPT can wrap
-        raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
+    segmenter, _ = _restore(args, file, args.backbone, backbone_kwargs)
     segmenter.to(device)
     out.mkdir(parents=True, exist_ok=True)
     print(f"preprocessing ({source}): {preprocessing.describe()}", file=sys.stderr)
 
-    progress = None
-    if len(jobs) > 1 and not args.no_progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=len(jobs), desc="predict", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    progress = terminal_progress(None, "predict", len(jobs) > 1 and not args.no_progress, total=len(jobs), unit="pair")
     try:
         for index, (stem, rgb_path, aux_path) in enumerate(jobs):
             pair = first if index == 0 else read(rgb_path, aux_path)
@@ -540,6 +532,9 @@ def adapter_summary(path: str | Path) -> dict[str, Any]:
         "prompter_blocks": blocks,
         "config": file.config.to_dict(),
         "preprocessing": file.preprocessing.to_dict() if file.preprocessing is not None else None,
+        "class_names": list(file.class_names) if file.class_names is not None else None,
+        "timm_model": file.backbone_name,
+        "backbone_kwargs": file.backbone_kwargs,
         "backbone": file.backbone,
     }
 
@@ -562,6 +557,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     preprocessing = info["preprocessing"]
+    kwargs = "(kwargs not recorded)" if info["backbone_kwargs"] is None else json.dumps(info["backbone_kwargs"])
     rows = [
         ("file", info["file"]),
         ("size", f"{info['file_bytes']:,} bytes ({_size(info['file_bytes'])})"),
@@ -570,6 +566,10 @@ def _inspect(args: argparse.Namespace) -> int:
         ("trainable parameters", f"{info['trainable_parameters']:,}"),
         ("tensors", f"{info['tensors']} ({info['buffers']} of them BatchNorm statistics, not trained)"),
         ("prompters before blocks", info["prompter_blocks"]),
+        ("timm model", "not recorded: give gopt predict --backbone" if info["timm_model"] is None else
+         f"{info['timm_model']} {kwargs}"),
+        ("classes", "not recorded" if info["class_names"] is None else
+         f"{len(info['class_names'])}: {', '.join(info['class_names'])}"),
         ("preprocessing", "stored; gopt predict applies it" if preprocessing is not None else
          "not stored; gopt predict uses the defaults (aux divided by the dtype maximum, ImageNet RGB mean/std, "
          "aux mean/std 0.5)"),
@@ -598,9 +598,8 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     from .adapter_io import AdapterError, read_adapter_file
-    from .backbone import create_backbone
     from .export import PARITY_TOLERANCE, example_inputs, export_onnx, onnx_max_difference
-    from .predict import load_segmenter, parse_json_kwargs
+    from .predict import parse_json_kwargs
 
     height, width = args.size
     if height < 1 or width < 1:
@@ -615,29 +614,10 @@ def _export(args: argparse.Namespace) -> int:
     except AdapterError as exc:
         raise _adapter_error(exc) from None
     try:
-        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs)
+        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
     except ValueError as exc:
         raise CliError(str(exc), "See gopt export --help") from None
-    name = args.backbone or getattr(file, "backbone_name", None)
-    if not name:
-        raise CliError(f"{args.adapter} does not record the timm model name of its backbone",
-                       "Give it with --backbone NAME (the model the adapter was trained on)")
-    if args.backbone_kwargs is None:
-        backbone_kwargs = dict(getattr(file, "backbone_kwargs", None) or {})
-    try:
-        model = create_backbone(name, args.weights, backbone_kwargs)
-    except FileNotFoundError as exc:
-        raise CliError(str(exc), "Check the --weights path") from None
-    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as exc:  # timm's, for weights that do not fit
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise CliError(f"cannot build backbone {name!r}: {reason}",
-                       "Check --backbone, --backbone-kwargs and that --weights belong to that model") from None
-    try:
-        segmenter, _ = load_segmenter(model, file, args.allow_backbone_mismatch)
-    except AdapterError as exc:
-        raise _adapter_error(exc, weights_given=bool(args.weights)) from None
-    except TypeError as exc:
-        raise CliError(str(exc), "Use a plain ViT backbone (see the supported list)") from None
+    segmenter, file = _restore(args, file, args.backbone, backbone_kwargs)
 
     # written next to -o first: a model that fails the check never replaces anything
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".onnx", dir=out.parent)
@@ -666,6 +646,10 @@ def _export(args: argparse.Namespace) -> int:
           f"[B, {file.config.num_classes}, ...]")
     print(f"parity with PyTorch (onnxruntime CPU, batch 2): max |difference| {', '.join(checks)}")
     return 0
+
+
+#: What runs each subcommand parsed by :func:`build_parser` (``train`` parses its own flags).
+HANDLERS = {"demo": _demo, "eval": _eval, "predict": _predict, "inspect": _inspect, "export": _export}
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@
 3. Evaluate both: mIoU overall and on the classes that only the aux channel separates, and
    GoPT once more with no aux image at all (its aux-missing mode).
 4. Save the adapter with the synthetic world's preprocessing (aux in [0, 1] scaled by the
-   dtype maximum, the default mean/std), reload it into a fresh segmenter built from the
-   saved foundation weights, and check that the reloaded one predicts exactly the same and
-   carries the same preprocessing.
+   dtype maximum, the default mean/std) and class names, reload it into a fresh segmenter
+   built from the saved foundation weights, and check that the reloaded one predicts exactly
+   the same and carries the same preprocessing and class names.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     print("[2/4] freezing it and training the GoPT adapter on RGB + aux", file=sys.stderr)
     segmenter = apply_gopt(vit, train.aux_channels, num_classes, aux_dropout=config.aux_dropout)
     segmenter.adapter.preprocessing = dataset_preprocessing(val)  # what gopt predict needs to repeat
+    segmenter.adapter.class_names = train.class_names  # the legend of gopt predict
     gopt_metrics = Trainer(segmenter, train, num_classes, replace(config.gopt, seed=config.seed, progress=progress),
                            out / "gopt", val_set=val, device="cpu", ctx=Dist()).fit()
 
@@ -123,7 +124,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     adapter_path = save_adapter(segmenter, out / "gopt_adapter.safetensors")
     fresh = apply_gopt(build_foundation_backbone(config, weights), **segmenter.config.to_dict())
     load_adapter(fresh, adapter_path)
-    same = fresh.adapter.preprocessing == segmenter.adapter.preprocessing and all(
+    same = fresh.adapter.preprocessing == segmenter.adapter.preprocessing and \
+        fresh.adapter.class_names == segmenter.adapter.class_names and all(
         torch.equal(a, b) for a, b in zip(_predictions(segmenter, val), _predictions(fresh, val)))
     reloaded_metrics = evaluate(fresh, val, num_classes)
     missing_metrics = evaluate(WithoutAux(fresh), val, num_classes) if fresh.config.has_missing_mode else None

@@ -273,7 +273,7 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
     loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0, generator=torch.Generator())
     metrics = SegMetrics(num_classes, IGNORE_INDEX, device=device)
     autocast = _autocast(device, amp)
-    for batch in _progress(loader, "eval", progress and ctx.is_main):
+    for batch in terminal_progress(loader, "eval", progress and ctx.is_main):
         rgb, aux = batch["rgb"].to(device), batch["aux"].to(device)
         with autocast:
             if window is not None:
@@ -309,12 +309,35 @@ def _autocast(device: torch.device | str, amp: bool | None):
     return torch.autocast(device.type if enabled else "cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None):
-    if not enabled:
+def live_progress(enabled: bool) -> bool:
+    """Live bars only where a person watches them: ``enabled`` and stderr is a terminal. A log
+    file, a batch job or CI gets plain lines instead (:meth:`Trainer.train_epoch`): a bar's
+    ``\\r`` updates would fill it with lines of tens of kB."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(enabled and isatty is not None and isatty())
+
+
+def terminal_progress(iterable: Iterable | None, desc: str, enabled: bool, total: int | None = None, **kwargs):
+    """A tqdm bar on stderr over ``iterable`` (``None``: a manual bar) where :func:`live_progress`
+    allows; otherwise ``iterable`` itself (``None`` for a manual bar)."""
+    if not live_progress(enabled):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def progress_line(epoch: int, epochs: int, step: int, total_steps: int, loss: float, lr: float,
+                  images_per_s: float, eta_s: float | None) -> str:
+    """The plain progress line written where no bar is shown, e.g.
+    ``epoch 2/4 step 40/64 loss 0.8123 lr 5.00e-04 61.2 img/s ETA 00:00:19``."""
+    if eta_s is None or not math.isfinite(eta_s):
+        eta = "-"
+    else:
+        seconds = int(max(eta_s, 0.0))
+        eta = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"  # hours may pass 24
+    return (f"epoch {epoch}/{epochs} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} "
+            f"{images_per_s:.1f} img/s ETA {eta}")
 
 
 # ------------------------------------------------------------------ training
@@ -367,6 +390,7 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.train_images, self.train_seconds = 0, 0.0  # over all ranks, for throughput
         self.wall_seconds = 0.0
+        self._session = (time.perf_counter(), 0)  # start time and step of this fit(), for the ETA
         self.metrics: dict[str, Any] = {}
         self.metrics_epoch: int | None = None  # the epoch self.metrics were measured after
         if self.ctx.is_main:
@@ -497,6 +521,7 @@ class Trainer:
         if resumed:
             self.log({"event": "resume", "epoch": self.epoch, "step": self.step})
         start, before = time.perf_counter(), self.wall_seconds
+        self._session = (start, self.step)
         for epoch in range(self.epoch, until):
             self.train_epoch(epoch)
             self.epoch = epoch + 1
@@ -531,6 +556,20 @@ class Trainer:
     def _evaluate_and_log(self) -> None:
         self.metrics, self.metrics_epoch = self.evaluate(), self.epoch
         self.log({"event": "eval", "epoch": self.epoch, "step": self.step, **_scalars(self.metrics)})
+        if self.config.progress and self.ctx.is_main:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in _scalars(self.metrics).items() if k in ("miou", "pixel_acc"))
+            print(f"eval after epoch {self.epoch}/{self.config.epochs}: {shown}", file=sys.stderr, flush=True)
+
+    def _print_progress(self, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
+        """One plain line on stderr, every ``log_every`` steps and at each epoch's end, where no
+        live bar is shown (see :func:`live_progress`)."""
+        if not self.config.progress or not self.ctx.is_main or live_progress(True):
+            return
+        started, first_step = self._session
+        done = self.step - first_step
+        eta = (time.perf_counter() - started) / done * (self.total_steps - self.step) if done > 0 else None
+        print(progress_line(epoch, self.config.epochs, self.step, self.total_steps, loss, lr, images_per_s, eta),
+              file=sys.stderr, flush=True)
 
     def _grad_sync(self, final_micro_batch: bool):
         """DDP all-reduces gradients on the last micro-batch of an accumulation step only."""
@@ -553,7 +592,8 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         start, seen = time.perf_counter(), 0
         running = torch.zeros((), device=self.device)  # this rank's loss of the current step
-        batches = _progress(self.loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.ctx.is_main)
+        batches = terminal_progress(self.loader, f"epoch {epoch + 1}/{config.epochs}",
+                                    config.progress and self.ctx.is_main)
         for index, batch in enumerate(batches):
             if index >= self.steps_per_epoch * config.grad_accum:
                 break
@@ -582,6 +622,7 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 self.log({"event": "train", "epoch": epoch + 1, "step": self.step, "loss": loss_value,
                           "lr": lr, "images_per_s": seen / max(elapsed, 1e-9)})
+                self._print_progress(epoch + 1, loss_value, lr, seen / max(elapsed, 1e-9))
             running = torch.zeros((), device=self.device)
         self.train_images += seen
         self.train_seconds += time.perf_counter() - start

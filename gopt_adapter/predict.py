@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .adapter_io import AdapterFile, read_adapter_file
-from .datasets.base import AUX_NORMALIZATIONS, check_same_size, read_image, scale_to_unit
+from .datasets.base import AUX_NORMALIZATIONS, check_same_size, files_by_stem, read_image, scale_to_unit
 from .model import GoptSegmenter
 from .preprocessing import check_aux_channels
 from .transforms import NormalizeConfig
@@ -89,8 +89,9 @@ def load_segmenter(model: torch.nn.Module, adapter: str | Path | AdapterFile,
     return segmenter.eval(), file
 
 
-def resolve_class_names(spec: str | None, num_classes: int) -> list[str]:
-    """Class names from a comma list, a dataset registry name or ``class 0..K-1``.
+def resolve_class_names(spec: str | None, num_classes: int, stored: Sequence[str] | None = None) -> list[str]:
+    """Class names from a comma list, a dataset registry name, else ``stored`` (the names an
+    adapter file holds), else ``class 0..K-1``.
 
     Registry names: ``nyudv2``, ``sunrgbd``, ``mfnet`` (9 classes with "unlabeled", or the
     8 without it), ``pst900``, ``whu_opt_sar`` (8, or 6 without background and others;
@@ -99,7 +100,7 @@ def resolve_class_names(spec: str | None, num_classes: int) -> list[str]:
     ``num_classes``.
     """
     if not spec:
-        return [f"class {i}" for i in range(num_classes)]
+        return list(stored) if stored is not None else [f"class {i}" for i in range(num_classes)]
     from .datasets import DATASETS, MFNET_CLASSES, WHU_OPT_SAR_CLASSES, WORLDS
 
     key = spec.strip().lower().replace("-", "_")
@@ -200,16 +201,6 @@ def read_pair(rgb_path: str | Path, aux_path: str | Path | None, aux_channels: i
     return ImagePair(rgb_path.stem, rgb, aux.astype(np.float32), aux_arr, valid, aux_kind)
 
 
-def _images(folder: Path) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in files:
-                raise ValueError(f"two images with stem {path.stem!r} in {folder}: {files[path.stem].name}, {path.name}")
-            files[path.stem] = path
-    return files
-
-
 def find_pairs(directory: str | Path) -> list[tuple[str, Path, Path | None]]:
     """``(stem, rgb, aux)`` of a folder: ``rgb/`` and ``aux/`` matched by file stem, or, with
     no ``rgb/`` subfolder, every image in the folder as a 4-channel MFNet image (aux None)."""
@@ -217,13 +208,13 @@ def find_pairs(directory: str | Path) -> list[tuple[str, Path, Path | None]]:
     if not directory.is_dir():
         raise FileNotFoundError(f"pairs folder {directory} not found")
     if not (directory / "rgb").is_dir():
-        images = _images(directory)
+        images = files_by_stem(directory, IMAGE_SUFFIXES)
         if not images:
             raise FileNotFoundError(f"no images and no rgb/ + aux/ subfolders in {directory}")
         return [(stem, path, None) for stem, path in images.items()]
     if not (directory / "aux").is_dir():
         raise FileNotFoundError(f"{directory / 'rgb'} exists but {directory / 'aux'} does not")
-    rgb, aux = _images(directory / "rgb"), _images(directory / "aux")
+    rgb, aux = files_by_stem(directory / "rgb", IMAGE_SUFFIXES), files_by_stem(directory / "aux", IMAGE_SUFFIXES)
     unmatched = sorted(set(rgb) ^ set(aux))
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" (+{len(unmatched) - 5} more)" if len(unmatched) > 5 else "")

@@ -123,7 +123,7 @@ class Preprocessing:
 
 # Reader attribute holding the aux scaling, and the attribute holding its fixed divisor (if any).
 _READER_SCALING = (("depth_normalization", "depth_max_mm"), ("thermal_normalization", None),
-                   ("sar_normalization", None))
+                   ("sar_normalization", None), ("aux_normalization", "aux_max"))
 
 
 def dataset_preprocessing(dataset: Any, normalize: NormalizeConfig | None = None) -> Preprocessing:
@@ -131,7 +131,8 @@ def dataset_preprocessing(dataset: Any, normalize: NormalizeConfig | None = None
 
     The aux scaling comes from the reader's options (``depth_normalization`` with
     ``depth_max_mm`` for NYUDv2 / SUN RGB-D depth, ``thermal_normalization`` for MFNet and
-    PST900, ``sar_normalization`` for WHU-OPT-SAR; HHA and the synthetic world: fixed by the
+    PST900, ``sar_normalization`` for WHU-OPT-SAR, ``aux_normalization`` with ``aux_max`` for
+    the folder reader; HHA and the synthetic world: fixed by the
     dtype maximum). The mean/std is ``normalize`` or else that of the one ``Normalize`` step
     in ``dataset.transform`` (no transform: identity). RGB scaling is not recorded: ``gopt
     predict`` divides RGB by its dtype maximum, as the readers do by default. Raises

@@ -64,6 +64,15 @@ def perturb_adapter(segmenter, std: float = 0.05, seed: int = 0) -> None:
                 buffer.add_(torch.rand(buffer.shape, generator=generator) * std)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine they only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def backbone():
     return make_backbone("vit")

@@ -122,3 +122,45 @@ def make_whu_scenes(root: Path, stems: list[str], h: int = 40, w: int = 56, *, o
         write_tif(root / "lbl" / f"{stem}.tif", label)
         written[stem] = {"optical": optical, "sar": sar, "label": label}
     return written
+
+
+def make_folder(root: Path, splits: dict[str, int], h: int = 32, w: int = 48, classes=("floor", "wall", "table"),
+                aux: str = "depth16", seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The ``--dataset folder`` layout: ``classes.txt`` and ``<split>/{rgb,aux,label}``.
+
+    ``aux``: ``"depth16"`` (uint16 PNG, millimetres), ``"thermal8"`` (uint8 PNG), ``"npy3"``
+    (float32 ``[H, W, 3]`` .npy) or ``"tif2"`` (uint16 2-band TIFF). The label is the class of
+    the aux value's third (so it can be learned from aux), with a 255 corner. Returns the
+    raw arrays by stem.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    written: dict[str, dict[str, Any]] = {}
+    for split, count in splits.items():
+        for i in range(count):
+            stem = f"{split}_{i:03d}"
+            rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            level = rng.random((h, w))  # [0, 1)
+            label = np.minimum((level * len(classes)).astype(np.uint8), len(classes) - 1)
+            label[:2, :2] = 255
+            write_png(root / split / "rgb" / f"{stem}.png", rgb)
+            if aux == "depth16":
+                raw = (500 + level * 9000).astype(np.uint16)
+                write_png(root / split / "aux" / f"{stem}.png", raw)
+            elif aux == "thermal8":
+                raw = (level * 255).astype(np.uint8)
+                write_png(root / split / "aux" / f"{stem}.png", raw)
+            elif aux == "npy3":
+                raw = np.stack([level, 1 - level, level ** 2], axis=-1).astype(np.float32)
+                (root / split / "aux").mkdir(parents=True, exist_ok=True)
+                np.save(root / split / "aux" / f"{stem}.npy", raw)
+            elif aux == "tif2":
+                raw = np.stack([level * 60000, (1 - level) * 60000], axis=-1).astype(np.uint16)
+                write_tif(root / split / "aux" / f"{stem}.tif", raw)
+            else:
+                raise ValueError(aux)
+            write_png(root / split / "label" / f"{stem}.png", label)
+            written[stem] = {"rgb": rgb, "aux": raw, "label": label}
+    return written

@@ -751,3 +751,53 @@ def test_from_pretrained_failures_leave_the_model_unchanged(tmp_path, case):
     after = model_state(model)
     assert_bitwise_equal(before[0], after[0])
     assert before[1:] == after[1:]
+
+
+def test_class_names_and_timm_model_are_recorded_and_files_without_them_still_load(tmp_path):
+    """What gopt predict / eval need to rebuild the backbone (name, kwargs) and label the classes;
+    files written before these keys existed load with None, and invalid values are refused."""
+    from safetensors.torch import load_file, safe_open
+
+    from gopt_adapter.backbone import create_backbone
+    from gopt_adapter.restore import backbone_for_adapter, restore_segmenter
+
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 64}
+    torch.manual_seed(0)
+    segmenter = apply_gopt(create_backbone("vit_base_patch16_224", None, kwargs), 1, 3)
+    perturb_adapter(segmenter)
+    segmenter.adapter.class_names = ["sky", "road", "car"]
+    path = save_adapter(segmenter, tmp_path / "named.safetensors")
+    file = read_adapter_file(path)
+    assert file.class_names == ("sky", "road", "car")
+    assert (file.backbone_name, file.backbone_kwargs) == ("vit_base_patch16_224", kwargs)
+    # the one rebuild path: same seed, same random weights -> the fingerprint accepts it
+    torch.manual_seed(0)
+    assert backbone_for_adapter(file).embed_dim == 32
+    restored, _ = restore_segmenter(path, seed=0)
+    assert restored.adapter.class_names == ("sky", "road", "car")
+    rgb, aux = torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(restored(rgb, aux), segmenter.eval()(rgb, aux))
+    with pytest.raises(AdapterError, match="trained on other backbone weights"):
+        restore_segmenter(path, seed=1)
+    copy_path = save_adapter(restored, tmp_path / "again.safetensors")  # names survive a load -> save
+    assert read_adapter_file(copy_path).class_names == ("sky", "road", "car")
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = load_file(str(path))
+    old = {k: v for k, v in metadata.items() if k not in ("class_names", "timm_model")}
+    (tmp_path / "old.safetensors").write_bytes(adapter_io.seal(tensors, old))
+    old_file = read_adapter_file(tmp_path / "old.safetensors")
+    assert (old_file.class_names, old_file.backbone_name, old_file.backbone_kwargs) == (None, None, None)
+    with pytest.raises(AdapterError, match="records no timm model name"):
+        backbone_for_adapter(old_file)
+    assert backbone_for_adapter(old_file, backbone="vit_base_patch16_224", backbone_kwargs=kwargs).embed_dim == 32
+    for key, value in [("class_names", json.dumps(["a", "b"])), ("class_names", json.dumps([1, 2, 3])),
+                       ("timm_model", json.dumps({"kwargs": {}})),
+                       ("timm_model", json.dumps({"name": "x", "kwargs": 3}))]:
+        (tmp_path / "bad.safetensors").write_bytes(adapter_io.seal(tensors, {**metadata, key: value}))
+        with pytest.raises(AdapterError, match="invalid adapter metadata"):
+            read_adapter_file(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="2 class names for an adapter of 3 classes"):
+        segmenter.adapter.class_names = ["a", "b"]

@@ -47,13 +47,7 @@ def make_adapter(path, backbone, num_classes=NUM_CLASSES, seed=1, dtype=None):
     return segmenter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +159,7 @@ def test_predict_rgbd_pair_with_16bit_depth(files, tmp_path):
 
 
 @needs_fixtures
-def test_predict_a_folder_of_pairs(files, tmp_path, capsys):
+def test_predict_a_folder_of_pairs(files, tmp_path, capsys, monkeypatch):
     pairs = tmp_path / "pairs"
     (pairs / "rgb").mkdir(parents=True)
     (pairs / "aux").mkdir()
@@ -184,7 +178,11 @@ def test_predict_a_folder_of_pairs(files, tmp_path, capsys):
     check_outputs(out, "small", (60, 80))
     assert sorted(p.name for p in out.iterdir()) == ["room_label.png", "room_panel.png",
                                                     "small_label.png", "small_panel.png"]
-    assert "predict" in capsys.readouterr().err  # the progress bar
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and captured.out.count("_panel.png") == 2  # not a terminal: lines, no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(args) == 0
+    assert "predict" in capsys.readouterr().err  # on a terminal: the progress bar
 
     out = tmp_path / "mfnet_out"  # a folder without rgb/: every image is a 4-channel MFNet image
     assert main(predict_args(files, out=out, extra=["--pairs-dir", str(MFNET.parent)])) == 0

@@ -132,9 +132,18 @@ def test_cli_errors_are_one_line(tmp_path, saved, capsys, weights, extra, messag
 
 
 def test_cli_errors_for_paths_and_a_missing_backbone_name(tmp_path, saved, capsys):
-    adapter = saved[:2]
+    from safetensors.torch import load_file, safe_open
+
+    import gopt_adapter.adapter_io as adapter_io
+
+    with safe_open(saved[1], "pt") as handle:  # a file from before the timm name was recorded
+        metadata = {k: v for k, v in handle.metadata().items() if k != "timm_model"}
+    (tmp_path / "old.safetensors").write_bytes(adapter_io.seal(load_file(saved[1]), metadata))
     cases = [
-        (adapter + ["--size", "32", "32", "-o", str(tmp_path / "m.onnx")], "does not record the timm model name"),
+        (["--adapter", str(tmp_path / "old.safetensors"), "--size", "32", "32", "-o", str(tmp_path / "m.onnx")],
+         "records no timm model name"),
+        (saved[:2] + ["--size", "32", "32", "-o", str(tmp_path / "m.onnx")],  # kwargs not recorded: default ViT-B
+         "adapter made for another backbone"),
         (saved + ["--size", "32", "32", "-o", str(tmp_path)], "is a folder"),
         (saved + ["--size", "32", "32", "-o", str(tmp_path / "no" / "m.onnx")], "does not exist"),
         (["export", "--adapter", str(tmp_path / "none.safetensors"), "--size", "32", "32", "-o", "m.onnx"],

@@ -56,6 +56,12 @@ def cli(*args, env=None, **kwargs):
          "got eval_stride 32 with eval_window 16"),
         (["--dataset", "synthetic", "--set", "train.batch_size=1024"], "fewer than one batch of 1024"),
         (["--dataset", "synthetic", "--device", "tpu:x"], "unknown device 'tpu:x'"),
+        (["--dataset", "nyudv2", "--root", "/"],  # no silent random backbone
+         "choose the backbone's weights with exactly one of --weights FILE, --pretrained or --random-init"),
+        (["--dataset", "synthetic", "--pretrained", "--random-init"], "(got --pretrained and --random-init)"),
+        (["--dataset", "synthetic", "--set", "random_init=false"], "exactly one of --weights FILE"),
+        (["--dataset", "synthetic", "--set", "random_init=1"], "setting random_init must be true or false"),
+        (["--dataset", "synthetic", "--weights", __file__], "expected a .safetensors, .pth, .pt or .bin file"),
     ],
 )
 def test_bad_input_fails_before_any_work(args, message, tmp_path, capsys):
@@ -74,6 +80,29 @@ def test_weights_that_do_not_fit_the_backbone(tmp_path, capsys):
     assert "do not fit backbone" in capsys.readouterr().err
 
 
+def test_pth_weights_are_loaded_only_when_they_hold_nothing_but_tensors(tmp_path, capsys):
+    """--weights FILE.pth goes through torch.load(weights_only=True) first: a pickle that would
+    run code is refused (and its code never runs); a plain state dict trains."""
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"pos_embed": Payload()}, tmp_path / "evil.pth")
+    assert runner.main([*SMALL, "--weights", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "evil")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be loaded safely" in err and err.count("\n") == 1 and not marker.exists()
+
+    config = runner.load_run_config(runner.parse_args(SMALL))
+    torch.save(runner.build_backbone(config).state_dict(), tmp_path / "good.pth")
+    out = tmp_path / "good"
+    assert runner.main([*SMALL, "--weights", str(tmp_path / "good.pth"), "--set", "train.epochs=1",
+                        "--set", "dataset_options.length=16", "--set", "val_options.length=2", "--out", str(out)]) == 0
+    record = read_json(out / "results.json")
+    assert record["backbone_init"] == "weights" and record["config"]["random_init"] is False  # the flag replaced it
+
+
 def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
     from gopt_adapter import engine
 
@@ -86,6 +115,7 @@ def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
     assert record["config"]["variant"] == "gopt_shallow" and record["world_size"] == 1
     assert 0 <= record["metrics"]["miou"] <= 1 and record["train_images_per_s"] > 0 and record["wall_time_s"] > 0
     assert record["epochs_completed"] == 1
+    assert record["backbone_init"] == "random_init"  # the synthetic config trains from scratch, on purpose
     assert all(isinstance(r, dict) for r in map(lambda l: json.loads(l, parse_constant=no_nan),
                                                 (out / "log.jsonl").read_text().splitlines()))
     adapter = read_adapter_file(out / "adapter.safetensors")
@@ -311,7 +341,7 @@ TINY_BACKBONE = ["--backbone", "vit_base_patch16_224", "--set",
                  'backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32, '
                  '"dynamic_img_pad": true}',
                  "--set", "transforms.crop_size=[16, 24]", "--set", "train.epochs=1", "--set", "train.batch_size=2",
-                 "--set", "train.progress=false", "--device", "cpu"]
+                 "--set", "train.progress=false", "--device", "cpu", "--random-init"]
 
 
 def make_layout(dataset, root):

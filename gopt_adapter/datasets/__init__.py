@@ -1,4 +1,4 @@
-"""RGB-X segmentation datasets: readers of the five benchmark layouts and a synthetic world.
+"""RGB-X segmentation datasets: your own folder, readers of the five benchmark layouts and a synthetic world.
 
 All datasets return the same sample dict (see :mod:`gopt_adapter.datasets.base`): ``rgb``
 float ``[3, H, W]`` in [0, 1], ``aux`` float ``[C_aux, H, W]`` in [0, 1], ``label`` int64
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import IGNORE_INDEX, FileSegDataset, SegDataset, read_image
+from .folder import FolderDataset
 from .mfnet import MFNET_CLASSES, MFNet
 from .nyudv2 import NYUDV2_CLASSES, NYUDv2
 from .pst900 import PST900_CLASSES, PST900
@@ -26,6 +27,7 @@ __all__ = [
     "SegDataset",
     "FileSegDataset",
     "read_image",
+    "FolderDataset",
     "NYUDv2",
     "SUNRGBD",
     "MFNet",
@@ -45,6 +47,7 @@ __all__ = [
 
 #: Registry of dataset names (as used by the benchmarks and the command line) to classes.
 DATASETS: dict[str, type[SegDataset]] = {
+    "folder": FolderDataset,
     "nyudv2": NYUDv2,
     "sunrgbd": SUNRGBD,
     "mfnet": MFNet,
@@ -62,7 +65,8 @@ def get_dataset(name: str, root: str | Path | None = None, split: str = "train",
         root: the dataset folder; required for every name but ``"synthetic"``, which
             ignores it.
         split: the split to read (each class documents its split names).
-        **options: keyword arguments of the dataset class (e.g. ``aux="hha"`` for NYUDv2,
+        **options: keyword arguments of the dataset class (e.g. ``aux_normalization="fixed",
+            aux_max=10000`` for a folder, ``aux="hha"`` for NYUDv2,
             ``count_unlabeled=False`` for MFNet, ``mode="thermal", size=128, length=512,
             seed=0`` for the synthetic world, ``transform=...`` for all).
     """

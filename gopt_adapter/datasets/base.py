@@ -54,6 +54,7 @@ __all__ = [
     "require_file",
     "find_image",
     "find_sample_files",
+    "files_by_stem",
     "check_image",
     "check_same_size",
     "scale_to_unit",
@@ -113,6 +114,18 @@ def find_image(folder: Path, stem: str, suffixes: Sequence[str], what: str) -> P
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{what} not found: {folder / (stem + suffixes[0])}")
+
+
+def files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    """The files in ``folder`` whose suffix (case-insensitive) is one of ``suffixes``, by stem,
+    in name order; two files of one stem (``a.png``, ``a.jpg``) raise ``ValueError`` naming both."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix.lower() in suffixes:
+            if path.stem in found:
+                raise ValueError(f"two files with stem {path.stem!r} in {folder}: {found[path.stem].name}, {path.name}")
+            found[path.stem] = path
+    return found
 
 
 def read_list_file(path: Path) -> list[str]:
