@@ -59,9 +59,9 @@ class BackboneSpec:
     def from_model(cls, model: nn.Module) -> "BackboneSpec":
         """Reads the spec, raising ``TypeError`` for models GoPT cannot wrap (the model is only read)."""
         name = f"{type(model).__module__}.{type(model).__qualname__}"
-        embed, problem = _patch_embedding(model)
+        embed, problem = None, _stack_problem(model)
         if problem is None:
-            problem = _stack_problem(model)
+            embed, problem = _patch_embedding(model)
         if problem is None:
             token_stride, stem_stride = _token_stride(embed)
             in_chans = _image_channels(embed, token_stride[0] // stem_stride[0] * token_stride[1] // stem_stride[1])
@@ -156,11 +156,6 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None,
 
 def _patch_embedding(model: nn.Module) -> tuple[nn.Module | None, str | None]:
     """The module that turns the image into tokens, or why there is none GoPT can use."""
-    blocks = getattr(model, "blocks", None)
-    encoder = getattr(model, "encoder", None)
-    if blocks is None and isinstance(getattr(encoder, "blocks", None), (nn.Sequential, nn.ModuleList)):
-        return None, ("it wraps its transformer as `.encoder`; pass `model.encoder` "
-                      "(the `*_enc` model of the same name is that encoder alone)")
     embed = getattr(model, "patch_embed", None)
     if embed is None:
         embed = getattr(model, "embeds", None)  # NaFlexVit
@@ -177,8 +172,13 @@ def _stack_problem(model: nn.Module) -> str | None:
     """Why ``model.blocks`` is not one flat stack of equal-width blocks on one token sequence."""
     blocks = getattr(model, "blocks", None)
     embed_dim = getattr(model, "embed_dim", None)
+    if blocks is None and isinstance(getattr(getattr(model, "encoder", None), "blocks", None), nn.Module):
+        return ("it wraps its transformer as `.encoder`; pass `model.encoder` "
+                "(the `*_enc` model of the same name is that encoder alone)")
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
         return "it has no flat `blocks` stack"
+    if isinstance(embed_dim, (tuple, list)):
+        return f"its stages have different widths {list(embed_dim)} (a hierarchical or multi-scale transformer)"
     if not isinstance(embed_dim, int):
         return "it has no single `embed_dim`"
     if not hasattr(model, "forward_intermediates"):
