@@ -229,3 +229,13 @@ def test_refusals_leave_the_model_bitwise_untouched(name, kwargs):
     assert_bitwise_equal(before, snapshot(model))
     assert [(key, p.requires_grad) for key, p in model.named_parameters()] == flags
     assert [(key, type(module), module.training) for key, module in model.named_modules()] == tree
+
+
+def test_parameters_doc_has_the_hybrid_table(capsys):
+    """docs/parameters.md shows what `python -m benchmarks.param_budget --model vit_base_r50_s16_384` prints."""
+    from benchmarks import param_budget
+
+    param_budget.main(["--model", "vit_base_r50_s16_384"])
+    printed = capsys.readouterr().out.strip()
+    assert "token stride 16x16" in printed
+    assert printed in (zoo.API_DOC.parent / "parameters.md").read_text()
