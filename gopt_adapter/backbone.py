@@ -31,9 +31,10 @@ class BackboneSpec:
     the patch size of a plain ViT, the stem's total stride times the projection's patch size for
     a hybrid (``HybridEmbed``). ``block_prefix_tokens[l]`` is the number of prefix tokens block
     ``l`` sees, which differs from ``num_prefix_tokens`` where the class token joins late (Cait
-    and Xcit after their ``blocks``, ConVit at block ``local_up_to_layer``). Input heights and widths must be multiples of
-    ``size_multiple``: the token stride, or with ``dynamic_img_pad`` the stride of a hybrid's CNN
-    stem (a hybrid pads its feature map, not the image; (1, 1) for a plain ViT).
+    and Xcit after their ``blocks``, ConVit at block ``local_up_to_layer``). Input heights and
+    widths must be multiples of ``size_multiple``: the token stride, or with ``dynamic_img_pad``
+    the stride of a hybrid's CNN stem (a hybrid pads its feature map, not the image; (1, 1) for
+    a plain ViT).
     """
 
     class_name: str
@@ -178,7 +179,7 @@ def _stack_problem(model: nn.Module) -> str | None:
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
         return "it has no flat `blocks` stack"
     if isinstance(embed_dim, (tuple, list)):
-        return f"its stages have different widths {list(embed_dim)} (a hierarchical or multi-scale transformer)"
+        return "it has one width per stage or token stream (`embed_dim` is a list): a hierarchical or multi-stream transformer"
     if not isinstance(embed_dim, int):
         return "it has no single `embed_dim`"
     if not hasattr(model, "forward_intermediates"):
