@@ -2,7 +2,8 @@
 
     python -m benchmarks.param_budget --model vit_base_patch16_224
 
-Counts come from building the adapters (no forward, no weights needed).
+Counts come from building the backbone and the adapters on the meta device (shapes only: no
+forward, no weights, no memory; seconds even for a hybrid with its CNN stem).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import timm
+import torch
 
 from gopt_adapter import BackboneSpec, GoptAdapter, GoptConfig, count_parameters
 
@@ -26,8 +28,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
     args = parser.parse_args(argv)
-    spec = BackboneSpec.from_model(timm.create_model(args.model, pretrained=False, dynamic_img_size=True))
-    print(f"Trainable parameters of GoPT on `{args.model}` (D={spec.embed_dim}, L={spec.depth}), default options "
+    with torch.device("meta"):
+        spec = BackboneSpec.from_model(timm.create_model(args.model, pretrained=False, dynamic_img_size=True))
+    stride = "x".join(map(str, spec.patch_size))
+    print(f"Trainable parameters of GoPT on `{args.model}` (D={spec.embed_dim}, L={spec.depth}, token stride "
+          f"{stride}), default options "
           f"(hidden_dim 32, SETR-naive head 256); * marks counts over the paper's 0.97M.\n")
     print("| aux channels | dataset (classes) | " + " | ".join(f"interval {i}" for i in INTERVALS) + " |")
     print("|---|---|" + "---|" * len(INTERVALS))

@@ -113,7 +113,7 @@ class GoptAdapter(nn.Module):
         slot = self._slot.get(block_index)
         if slot is None:
             return x, state
-        return self.prompters[slot](x, self.spec.num_prefix_tokens, state)
+        return self.prompters[slot](x, self.spec.prefix_tokens(block_index), state)
 
     def extra_repr(self) -> str:
         return f"blocks={list(self.block_indices)}"

@@ -12,8 +12,13 @@ import torch
 from torch import nn
 
 SUPPORTED = (
-    "timm ViTs with a flat `blocks` stack of equal width and a `patch_embed`: VisionTransformer "
-    "(vit, deit, deit3, dinov2, MAE, *_gap_*), Eva (eva02), Beit and VisionTransformerSAM"
+    "timm ViTs whose flat `blocks` stack of one width follows one patch embedding "
+    "(`patch_embed`, a CNN stem included, or NaFlexVit's `embeds`): VisionTransformer (vit, deit, "
+    "deit3, dinov2, MAE, *_gap_*, and the hybrids with a CNN stem: vit_*_r26/r50/resnet*, vitamin_*, "
+    "*_mci_*), VisionTransformerDistilled, Eva (eva02), Beit, VisionTransformerRelPos, "
+    "VisionTransformerSAM, Cait, ConVit, Xcit, NaFlexVit (image tensors, not patch dictionaries) and "
+    "the Qwen3, DeepSeek and Gemma4 ViT encoders (`*_enc`). Refused: hierarchical or multi-stream "
+    "transformers (Swin, Hiera, CrossVit, TNT, ...), CNNs, and classifier wrappers around an `encoder`"
 )
 
 
@@ -22,7 +27,14 @@ class BackboneSpec:
     """Geometry of a plain ViT backbone, read from the timm model.
 
     Blocks take ``[B, P + S, D]`` token sequences (prefix tokens first) or, for SAM,
-    ``[B, h, w, D]`` maps with no prefix tokens.
+    ``[B, h, w, D]`` maps with no prefix tokens. ``patch_size`` is the token stride in pixels:
+    the patch size of a plain ViT, the stem's total stride times the projection's patch size for
+    a hybrid (``HybridEmbed``). ``block_prefix_tokens[l]`` is the number of prefix tokens block
+    ``l`` sees, which differs from ``num_prefix_tokens`` where the class token joins late (Cait
+    and Xcit after their ``blocks``, ConVit at block ``local_up_to_layer``). Input heights and
+    widths must be multiples of ``size_multiple``: the token stride, or with ``dynamic_img_pad``
+    the stride of a hybrid's CNN stem (a hybrid pads its feature map, not the image; (1, 1) for
+    a plain ViT).
     """
 
     class_name: str
@@ -35,45 +47,53 @@ class BackboneSpec:
     dynamic_img_size: bool
     dynamic_img_pad: bool
     img_size: tuple[int, int] | None
+    block_prefix_tokens: tuple[int, ...] = ()
+    size_multiple: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.block_prefix_tokens:  # every block sees the model's prefix tokens
+            object.__setattr__(self, "block_prefix_tokens", (self.num_prefix_tokens,) * self.depth)
+        if self.size_multiple is None:
+            object.__setattr__(self, "size_multiple", (1, 1) if self.dynamic_img_pad else self.patch_size)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "BackboneSpec":
-        """Reads the spec, raising ``TypeError`` for models without a flat stack of ViT blocks."""
+        """Reads the spec, raising ``TypeError`` for models GoPT cannot wrap (the model is only read)."""
         name = f"{type(model).__module__}.{type(model).__qualname__}"
-        blocks = getattr(model, "blocks", None)
-        patch_embed = getattr(model, "patch_embed", None)
-        embed_dim = getattr(model, "embed_dim", None)
-        problem = None
-        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-            problem = "it has no flat `blocks` stack"
-        elif patch_embed is None or getattr(patch_embed, "patch_size", None) is None:
-            problem = "it has no `patch_embed` with a `patch_size`"
-        elif not isinstance(embed_dim, int):
-            problem = "it has no single `embed_dim`"
-        elif not hasattr(model, "forward_intermediates"):
-            problem = "it has no `forward_intermediates`"
-        else:
-            widths = {_block_width(b) for b in blocks} - {None}
-            if widths - {embed_dim}:
-                problem = f"its blocks have different widths {sorted(widths)}"
+        embed, problem = None, _stack_problem(model)
+        if problem is None:
+            embed, problem = _patch_embedding(model)
+        if problem is None:
+            token_stride, stem_stride = _token_stride(embed)
+            in_chans = _image_channels(embed, token_stride[0] // stem_stride[0] * token_stride[1] // stem_stride[1])
+            if in_chans is None:
+                problem = f"its patch embedding {type(embed).__name__} shows no image channel count"
         if problem:
             raise TypeError(f"GoPT cannot wrap {name}: {problem}. Supported: {SUPPORTED}.")
 
-        proj = patch_embed.proj
-        strict = bool(getattr(patch_embed, "strict_img_size", False))
-        img_size = getattr(patch_embed, "img_size", None)
+        pad = bool(getattr(embed, "dynamic_img_pad", False))
+        strict = bool(getattr(embed, "strict_img_size", False))
+        img_size = getattr(embed, "img_size", None)
+        depth = len(model.blocks)
+        num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         return cls(
             class_name=name,
-            embed_dim=embed_dim,
-            num_features=int(getattr(model, "num_features", embed_dim)),
-            depth=len(blocks),
-            patch_size=tuple(int(p) for p in patch_embed.patch_size),
-            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
-            in_chans=int(proj.in_channels),
+            embed_dim=model.embed_dim,
+            num_features=int(getattr(model, "num_features", model.embed_dim)),
+            depth=depth,
+            patch_size=token_stride,
+            num_prefix_tokens=num_prefix_tokens,
+            in_chans=in_chans,
             dynamic_img_size=not strict,
-            dynamic_img_pad=bool(getattr(patch_embed, "dynamic_img_pad", False)),
+            dynamic_img_pad=pad,
             img_size=tuple(int(s) for s in img_size) if strict and img_size is not None else None,
+            block_prefix_tokens=_block_prefix_tokens(model, depth, num_prefix_tokens),
+            size_multiple=_size_multiple(model, stem_stride if pad else token_stride),
         )
+
+    def prefix_tokens(self, block_index: int) -> int:
+        """Prefix tokens in front of the patch tokens of block ``block_index``'s input."""
+        return self.block_prefix_tokens[block_index]
 
     def check_image_size(self, height: int, width: int) -> None:
         """Raises ``ValueError`` when the backbone cannot take an image of this size."""
@@ -82,11 +102,12 @@ class BackboneSpec:
                 f"{self.class_name} has a fixed input size {self.img_size}, got {(height, width)}; "
                 "create it with `img_size=` matching your images"
             )
-        ph, pw = self.patch_size
-        if not self.dynamic_img_pad and (height % ph or width % pw):
+        sh, sw = self.size_multiple
+        if height % sh or width % sw:
+            fix = "" if self.dynamic_img_pad else " or create the backbone with `dynamic_img_pad=True`"
+            what = "patch size" if self.size_multiple == self.patch_size else "multiple it needs"
             raise ValueError(
-                f"image size {(height, width)} is not divisible by the patch size {self.patch_size}; "
-                "resize/pad the inputs or create the backbone with `dynamic_img_pad=True`"
+                f"image size {(height, width)} is not divisible by the {what} {(sh, sw)}; resize/pad the inputs{fix}"
             )
 
     def structure(self) -> dict[str, Any]:
@@ -101,7 +122,8 @@ class BackboneSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["patch_size"] = list(self.patch_size)
+        for key in ("patch_size", "block_prefix_tokens", "size_multiple"):
+            data[key] = list(data[key])
         return data
 
 
@@ -173,6 +195,97 @@ def backbone_origin(model: nn.Module) -> dict[str, Any] | None:
         tag = cfg.get("tag")
         return {"name": f"{cfg['architecture']}.{tag}" if tag else cfg["architecture"], "kwargs": None}
     return None
+
+
+def _patch_embedding(model: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """The module that turns the image into tokens, or why there is none GoPT can use."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        embed = getattr(model, "embeds", None)  # NaFlexVit
+    if isinstance(embed, (nn.ModuleList, nn.Sequential)):
+        return None, f"it embeds {len(embed)} token streams at different patch sizes (`patch_embed` is a list)"
+    if embed is None and getattr(model, "pixel_embed", None) is not None:
+        return None, "its blocks carry pixel-level inner tokens next to the patch tokens (`pixel_embed`)"
+    if embed is None or getattr(embed, "patch_size", None) is None:
+        return None, "it has no patch embedding (`patch_embed` or `embeds`) with a `patch_size`"
+    return embed, None
+
+
+def _stack_problem(model: nn.Module) -> str | None:
+    """Why ``model.blocks`` is not one flat stack of equal-width blocks on one token sequence."""
+    blocks = getattr(model, "blocks", None)
+    embed_dim = getattr(model, "embed_dim", None)
+    if blocks is None and isinstance(getattr(getattr(model, "encoder", None), "blocks", None), nn.Module):
+        return ("it wraps its transformer as `.encoder`; pass `model.encoder` "
+                "(the `*_enc` model of the same name is that encoder alone)")
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        return "it has no flat `blocks` stack"
+    if isinstance(embed_dim, (tuple, list)):
+        return "it has one width per stage or token stream (`embed_dim` is a list): a hierarchical or multi-stream transformer"
+    if not isinstance(embed_dim, int):
+        return "it has no single `embed_dim`"
+    if not hasattr(model, "forward_intermediates"):
+        return "it has no `forward_intermediates`"
+    widths = {_block_width(b) for b in blocks} - {None}
+    if widths - {embed_dim}:
+        return f"its blocks have different widths {sorted(widths)}"
+    return None
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _token_stride(embed: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(pixels per token, the CNN stem's stride) of a patch embedding.
+
+    A hybrid's ``HybridEmbed`` runs a CNN of stride ``feature_ratio`` and then a projection of
+    ``patch_size`` on its feature map; Xcit's ``ConvPatchEmbed`` keeps ``patch_size`` as an int.
+    """
+    patch = _pair(embed.patch_size)
+    ratio = getattr(embed, "feature_ratio", None)
+    if ratio is None:
+        return patch, (1, 1)
+    stem = _pair(ratio)
+    return (stem[0] * patch[0], stem[1] * patch[1]), stem
+
+
+def _image_channels(embed: nn.Module, pixels_per_token: int) -> int | None:
+    """Channels of the image a patch embedding takes: ``in_chans``, else its first layer's inputs
+    (a conv, or a linear patchifier of ``pixels_per_token * C`` inputs, as Gemma4's)."""
+    in_chans = getattr(embed, "in_chans", None)
+    if isinstance(in_chans, int) and not isinstance(in_chans, bool):
+        return in_chans
+    for layer in embed.modules():
+        if isinstance(layer, nn.Conv2d):
+            return int(layer.in_channels)
+        if isinstance(layer, nn.Linear):
+            channels, rest = divmod(layer.in_features, pixels_per_token)
+            return channels if rest == 0 else None
+    return None
+
+
+def _size_multiple(model: nn.Module, multiple: tuple[int, int]) -> tuple[int, int]:
+    """``multiple``, times the cell of Gemma4's soft-token pooler, which checks every input."""
+    if getattr(model, "global_pool", None) == "soft" and isinstance(getattr(model, "pooling_kernel_size", None), int):
+        return multiple[0] * model.pooling_kernel_size, multiple[1] * model.pooling_kernel_size
+    return multiple
+
+
+def _block_prefix_tokens(model: nn.Module, depth: int, num_prefix_tokens: int) -> tuple[int, ...]:
+    """Prefix tokens each block of ``model.blocks`` sees.
+
+    Cait (``blocks_token_only``) and Xcit (``cls_attn_blocks``) add the class token after the
+    ``blocks``, in class-attention layers GoPT leaves alone; ConVit inserts it before block
+    ``local_up_to_layer``.
+    """
+    if getattr(model, "blocks_token_only", None) is not None or getattr(model, "cls_attn_blocks", None) is not None:
+        return (0,) * depth
+    joins = getattr(model, "local_up_to_layer", None)
+    if isinstance(joins, int):
+        late = num_prefix_tokens if getattr(model, "cls_token", None) is not None else 0
+        return tuple(0 if index < joins else late for index in range(depth))
+    return (num_prefix_tokens,) * depth
 
 
 def _block_width(block: nn.Module) -> int | None:

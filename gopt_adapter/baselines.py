@@ -161,7 +161,7 @@ class AdditiveAuxAdapter(BaselineAdapter):
     def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if block_index != 0:
             return x, aux
-        return add_to_patch_tokens(x, self.spec.num_prefix_tokens, self.aux_embed(aux)), aux
+        return add_to_patch_tokens(x, self.spec.prefix_tokens(0), self.aux_embed(aux)), aux
 
 
 class VptAdapter(BaselineAdapter):
@@ -182,7 +182,7 @@ class VptAdapter(BaselineAdapter):
         if block_index >= len(self.embeds):  # embeds[l] sits before block l, l = 0 .. count - 1
             return x, aux
         delta = self.embeds[block_index](aux)  # E_l(aux), [B, S, D]
-        return rescale_patch_tokens(x, self.spec.num_prefix_tokens, delta), aux  # x * (1 + E_l(aux))
+        return rescale_patch_tokens(x, self.spec.prefix_tokens(block_index), delta), aux  # x * (1 + E_l(aux))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, deep={self.deep}"

@@ -48,10 +48,12 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
 
 
 class AuxPatchEmbed(nn.Module):
-    """Embeds the auxiliary image straight to width ``r`` on the backbone's patch grid.
+    """Embeds the auxiliary image straight to width ``r`` on the backbone's token grid.
 
-    Same kernel, stride and padding rule as the frozen RGB patch embedding, so token ``i`` of
-    both streams covers the same pixels; a full-width embedding would break the budget.
+    Kernel = stride = the backbone's token stride (``BackboneSpec.patch_size``: the patch size
+    of a plain ViT, the CNN stem's total stride times the projection's patch size for a hybrid),
+    with the same bottom/right padding rule, so token ``i`` of both streams covers the same
+    pixels; a full-width embedding, or a copy of a hybrid's stem, would break the budget.
     """
 
     def __init__(self, in_chans: int, dim: int, patch_size: tuple[int, int], pad: bool, norm: bool = True) -> None:

@@ -124,3 +124,63 @@ def test_remove_gopt_restores_every_submodules_mode():
     segmenter.eval()
     segmenter.train()
     assert [(name, module.training) for name, module in remove_gopt(segmenter).named_modules()] == modes
+
+
+def hybrid(dynamic_img_pad: bool = False):
+    """vit_tiny_r_s16_p8: a ResNetV2 stem of stride 4, then an 8x8 projection: tokens 32 px apart."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, num_classes=0, depth=2,
+                             dynamic_img_size=True, dynamic_img_pad=dynamic_img_pad).eval()
+
+
+def test_hybrid_aux_token_covers_the_pixels_of_its_rgb_token():
+    """Kernel = stride = stem stride x patch size: one changed aux pixel changes exactly the aux
+    token at the position of the RGB token those pixels belong to, on the same grid."""
+    segmenter = apply_gopt(hybrid(), aux_channels=1, num_classes=3, hidden_dim=8).eval()
+    assert segmenter.spec.patch_size == (32, 32) and segmenter.spec.in_chans == 3
+    rgb, aux = torch.randn(1, 3, 64, 96), torch.randn(1, 1, 64, 96)
+    with torch.no_grad():
+        grid = segmenter.features(rgb, aux).shape[-2:]
+        tokens = segmenter.adapter.aux_embed(aux)
+        for y, x in [(0, 0), (40, 70), (63, 95)]:
+            moved = aux.clone()
+            moved[..., y, x] += 1.0
+            changed = (segmenter.adapter.aux_embed(moved) - tokens).abs().sum(-1)[0].nonzero().flatten()
+            assert changed.tolist() == [(y // 32) * grid[1] + x // 32]
+    assert tuple(grid) == (2, 3) and tokens.shape[1] == 6
+
+
+def test_padded_hybrid_pads_like_its_stem():
+    """With dynamic_img_pad the stem's feature map is padded: multiples of the stem stride (4) work."""
+    model = hybrid(dynamic_img_pad=True)
+    rgb, aux = torch.randn(2, 3, 64, 84), torch.randn(2, 1, 64, 84)  # 84 = 21 x 4, not a multiple of 32
+    with torch.no_grad():
+        expected = reference_features(model, rgb)
+        segmenter = apply_gopt(model, aux_channels=1, num_classes=3, hidden_dim=8).eval()
+        torch.testing.assert_close(segmenter.features(rgb, aux), expected, rtol=1e-5, atol=1e-6)
+        assert segmenter(rgb, aux).shape == (2, 3, 64, 84)
+    with pytest.raises(ValueError, match=r"not divisible by the multiple it needs \(4, 4\)"):
+        segmenter(rgb[..., :82], aux[..., :82])
+
+
+def test_late_class_token_is_never_prompted():
+    """ConVit inserts its class token at block local_up_to_layer: blocks before it get every token
+    prompted, blocks from it on all but the class token (which enters block 1 as inserted)."""
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", pretrained=False, num_classes=0, depth=3, local_up_to_layer=1,
+                              img_size=64).eval()
+    segmenter = apply_gopt(model, aux_channels=1, num_classes=3, hidden_dim=8).eval()
+    assert segmenter.spec.block_prefix_tokens == (0, 1, 1)
+    seen = {0: [], 1: []}
+    handles = [segmenter.backbone.blocks[i].block.register_forward_pre_hook(
+        lambda module, args, i=i: seen[i].append(args[0].detach().clone())) for i in seen]
+    rgb, aux = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        segmenter.features(rgb, aux)
+        perturb_adapter(segmenter, std=0.2)
+        segmenter.features(rgb, aux)
+    for handle in handles:
+        handle.remove()
+    assert seen[0][0].shape[1] == 16 and (seen[0][0] - seen[0][1]).abs().sum(-1).all()
+    assert seen[1][0].shape[1] == 17 and torch.equal(seen[1][0][:, 0], seen[1][1][:, 0])
+    assert (seen[1][0][:, 1:] - seen[1][1][:, 1:]).abs().sum(-1).all()
