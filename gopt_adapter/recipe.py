@@ -34,7 +34,7 @@ import torch
 
 from .adapter import GoptAdapter
 from .adapter_io import save_adapter
-from .backbone import create_backbone
+from .backbone import BackboneSpec, create_backbone
 from .baselines import VARIANTS, build_variant
 from .datasets import DATASETS, get_dataset
 from .engine import (
@@ -244,9 +244,13 @@ def build_backbone(config: RunConfig) -> torch.nn.Module:
         raise UsageError(f"weights {config.weights} do not fit backbone {config.backbone}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
         raise UsageError(f"cannot create backbone {config.backbone!r}: {exc}") from None
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
-    if patch[0] % 2 and not getattr(model.patch_embed, "dynamic_img_pad", False):
-        raise UsageError(f"{config.backbone} has patch size {patch}: add --set backbone_kwargs.dynamic_img_pad=true")
+    try:
+        spec = BackboneSpec.from_model(model)  # token stride of plain and hybrid ViTs alike
+    except TypeError as exc:
+        raise UsageError(str(exc)) from None
+    if spec.patch_size[0] % 2 and not spec.dynamic_img_pad:
+        raise UsageError(f"{config.backbone} has patch size {spec.patch_size}: add --set "
+                         "backbone_kwargs.dynamic_img_pad=true")
     return model
 
 
