@@ -101,6 +101,8 @@ def _add_predict(commands) -> None:
 Inputs (PNG, JPEG, TIFF; 8- or 16-bit):
   RGB AUX            two files of the same size
   IMAGE              one 4-channel image, R, G, B + thermal (MFNet); also accepted as RGB and AUX
+  RGB                one 3-channel image without aux: the adapter's aux-missing mode (adapters
+                     trained with aux_dropout > 0; others are refused)
   --pairs-dir DIR    DIR/rgb/ and DIR/aux/ matched by file stem; or, without rgb/, every image
                      in DIR as a 4-channel MFNet image
 
@@ -115,7 +117,7 @@ stderr. Images whose size is not a multiple of the patch size are zero-padded af
 normalisation (i.e. with the mean colour, like the training crop) at the bottom/right;
 the logits are cropped back to the input size.""",
         epilog="example: gopt predict --weights mae.pth --adapter nyu.safetensors rgb.png depth.png -o out/")
-    pr.add_argument("inputs", nargs="*", metavar="IMAGE", help="RGB AUX, or one 4-channel image")
+    pr.add_argument("inputs", nargs="*", metavar="IMAGE", help="RGB AUX, one 4-channel image, or RGB alone")
     pr.add_argument("-o", "--out", required=True, help="output folder (created; must not be a file)")
     pr.add_argument("--pairs-dir", metavar="DIR", help="folder of pairs: rgb/ + aux/ matched by stem (see above)")
     _add_weights_options(pr)
@@ -443,9 +445,16 @@ def _predict(args: argparse.Namespace) -> int:
 
     def read(rgb_path: Path, aux_path: Path | None):
         try:
-            return read_pair(rgb_path, aux_path, config.aux_channels, preprocessing.aux_scale, preprocessing.aux_max)
+            pair = read_pair(rgb_path, aux_path, config.aux_channels, preprocessing.aux_scale, preprocessing.aux_max)
         except (FileNotFoundError, ValueError) as exc:
             raise _pair_error(exc) from None
+        if pair.aux is None:  # an RGB image alone
+            if not config.has_missing_mode:
+                raise CliError(f"{rgb_path} is an RGB image without an aux image, and adapter {args.adapter} has no "
+                               "aux-missing mode (it was trained with aux_dropout=0)",
+                               "Give the aux image as the second input, or use an adapter trained with aux_dropout > 0")
+            print(f"no aux image for {rgb_path}: using the adapter's aux-missing mode", file=sys.stderr)
+        return pair
 
     first = read(*jobs[0][1:])  # a bad input is reported before the backbone is built
     segmenter, _ = _restore(args, file, args.backbone, backbone_kwargs)

@@ -5,7 +5,8 @@ What ``gopt predict`` does with one RGB + auxiliary pair:
 1. Reads both files with :func:`gopt_adapter.datasets.base.read_image` (PNG, JPEG, TIFF;
    8- or 16-bit). RGB: 3 channels (a 4th, alpha, is dropped), divided by the dtype maximum.
    A 4-channel MFNet PNG (R, G, B, thermal) given alone, or as both inputs, is split
-   into RGB + thermal.
+   into RGB + thermal; a 3-channel image given alone is RGB without aux, run in the
+   adapter's aux-missing mode (adapters trained with ``aux_dropout > 0``).
 2. Scales the auxiliary image to [0, 1] like the dataset readers: ``"fixed"`` (default)
    divides by ``aux_max`` (default: the dtype maximum, 255 for 8-bit, 65535 for 16-bit;
    10000 for millimetre depth read as the NYUDv2 / SUN RGB-D readers do) and clips;
@@ -62,14 +63,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 @dataclass
 class ImagePair:
-    """One input pair, read and scaled to [0, 1]."""
+    """One input pair, read and scaled to [0, 1]; the aux fields are ``None`` for RGB alone."""
 
     stem: str
     rgb: np.ndarray  # float32 [H, W, 3] in [0, 1]
-    aux: np.ndarray  # float32 [H, W, C] in [0, 1]
-    aux_raw: np.ndarray  # [H, W, C] as stored (for display)
-    aux_valid: np.ndarray  # bool [H, W]: pixels with a reading (integer 0 = none)
-    aux_kind: str  # "thermal", "depth" or "auxiliary" (for the panel title)
+    aux: np.ndarray | None  # float32 [H, W, C] in [0, 1]
+    aux_raw: np.ndarray | None  # [H, W, C] as stored (for display)
+    aux_valid: np.ndarray | None  # bool [H, W]: pixels with a reading (integer 0 = none)
+    aux_kind: str  # "thermal", "depth", "auxiliary", or "missing" (for the panel title)
 
     @property
     def rgb_uint8(self) -> np.ndarray:
@@ -159,7 +160,8 @@ def _to_unit_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
 
 def read_pair(rgb_path: str | Path, aux_path: str | Path | None, aux_channels: int = 1,
               aux_scale: str = "fixed", aux_max: float | None = None) -> ImagePair:
-    """Reads an RGB + auxiliary pair (or one 4-channel MFNet image) scaled to [0, 1].
+    """Reads an RGB + auxiliary pair (or one 4-channel MFNet image) scaled to [0, 1]. One
+    3-channel image with no ``aux_path`` is RGB alone: the pair's aux fields are ``None``.
 
     Raises ``FileNotFoundError`` (missing file) or ``ValueError`` (undecodable file, wrong
     channel count, RGB and aux of different sizes) naming the file.
@@ -168,11 +170,13 @@ def read_pair(rgb_path: str | Path, aux_path: str | Path | None, aux_channels: i
     aux_path = Path(aux_path) if aux_path is not None else None
     rgb_arr = read_image(rgb_path)
     combined = aux_path is None or aux_path.resolve() == rgb_path.resolve()
+    if aux_path is None and rgb_arr.ndim == 3 and rgb_arr.shape[2] == 3:  # RGB alone: no aux image
+        return ImagePair(rgb_path.stem, _to_unit_rgb(rgb_arr, rgb_path), None, None, None, "missing")
     if combined:
         if rgb_arr.ndim != 3 or rgb_arr.shape[2] != 3 + aux_channels:
             found = rgb_arr.shape[2] if rgb_arr.ndim == 3 else 1
             raise ValueError(f"{rgb_path} has {found} channel(s); a single input must hold RGB + {aux_channels} "
-                             f"auxiliary channel(s) (MFNet: R, G, B, thermal)")
+                             f"auxiliary channel(s) (MFNet: R, G, B, thermal), or RGB alone (3 channels)")
         aux_arr = rgb_arr[..., 3:]
         aux_kind = "thermal" if aux_channels == 1 else "auxiliary"
         aux_path = rgb_path
@@ -228,19 +232,23 @@ def find_pairs(directory: str | Path) -> list[tuple[str, Path, Path | None]]:
 @torch.no_grad()
 def predict_labels(segmenter: GoptSegmenter, pair: ImagePair, normalize: NormalizeConfig = NormalizeConfig(),
                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Arg-max class ids ``int64 [H, W]`` of one pair (zero padding to the patch size, cropped back)."""
+    """Arg-max class ids ``int64 [H, W]`` of one pair (zero padding to the patch size, cropped back).
+
+    A pair without aux runs ``segmenter(rgb, None)``: the adapter's aux-missing mode.
+    """
     rgb = torch.from_numpy(np.ascontiguousarray(pair.rgb.transpose(2, 0, 1)))[None]  # [1, 3, H, W]
-    aux = torch.from_numpy(np.ascontiguousarray(pair.aux.transpose(2, 0, 1)))[None]  # [1, C, H, W]
-    check_aux_channels(normalize, aux.shape[1])
     rgb = (rgb - torch.tensor(normalize.rgb_mean).view(1, -1, 1, 1)) / torch.tensor(normalize.rgb_std).view(1, -1, 1, 1)
-    aux = (aux - torch.tensor(normalize.aux_mean).view(1, -1, 1, 1)) / torch.tensor(normalize.aux_std).view(1, -1, 1, 1)
     height, width = rgb.shape[-2:]
     ph, pw = segmenter.spec.patch_size
-    pad = (0, -width % pw, 0, -height % ph)  # left, right, top, bottom
-    if any(pad):
-        rgb, aux = F.pad(rgb, pad), F.pad(aux, pad)  # zeros = the normalisation mean
+    pad = (0, -width % pw, 0, -height % ph)  # left, right, top, bottom; zeros = the normalisation mean
     dtype = next(segmenter.parameters()).dtype
-    logits = segmenter(rgb.to(device, dtype), aux.to(device, dtype))  # [1, K, H', W']
+    aux = None
+    if pair.aux is not None:
+        aux = torch.from_numpy(np.ascontiguousarray(pair.aux.transpose(2, 0, 1)))[None]  # [1, C, H, W]
+        check_aux_channels(normalize, aux.shape[1])
+        aux = (aux - torch.tensor(normalize.aux_mean).view(1, -1, 1, 1)) / torch.tensor(normalize.aux_std).view(1, -1, 1, 1)
+        aux = F.pad(aux, pad).to(device, dtype)
+    logits = segmenter(F.pad(rgb, pad).to(device, dtype), aux)  # [1, K, H', W']
     return logits[0, :, :height, :width].argmax(0).cpu().numpy()
 
 
@@ -260,10 +268,14 @@ def write_prediction(out_dir: str | Path, pair: ImagePair, label: np.ndarray, cl
     label_path, panel_path = out_dir / f"{pair.stem}_label.png", out_dir / f"{pair.stem}_panel.png"
     label_image(label, len(class_names)).save(label_path)
     cmap = aux_cmap or ("inferno" if pair.aux_kind == "thermal" else "viridis")
-    raw = pair.aux_raw.astype(np.float64)
-    raw = raw[..., 0] if raw.shape[2] == 1 else raw.mean(axis=2)
-    aux_colour, aux_range = colorize_aux(raw, pair.aux_valid, cmap)
-    title = aux_title or pair.aux_kind.capitalize()
+    if pair.aux_raw is None:  # RGB alone: a blank pane
+        aux_colour, aux_range = np.full_like(pair.rgb_uint8, 128), None
+        title = aux_title or "No aux (missing mode)"
+    else:
+        raw = pair.aux_raw.astype(np.float64)
+        raw = raw[..., 0] if raw.shape[2] == 1 else raw.mean(axis=2)
+        aux_colour, aux_range = colorize_aux(raw, pair.aux_valid, cmap)
+        title = aux_title or pair.aux_kind.capitalize()
     panel = make_panel(pair.rgb_uint8, aux_colour, label, class_names, class_palette(len(class_names)),
                        titles=("RGB", title, "Prediction"), aux_range=aux_range, aux_cmap=cmap, legend=legend,
                        alpha=alpha)

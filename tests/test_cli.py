@@ -467,3 +467,39 @@ def test_any_value_or_os_error_is_one_line_without_traceback(files, depth_pair, 
         monkeypatch.setattr(predict, "write_prediction", failing)
         assert main(predict_args(files, *depth_pair, out=tmp_path / "o")) == 2
         assert_one_line_error(capsys, " ".join(str(error).split()), "--debug")
+
+
+# ------------------------------------------------------------------- RGB without aux
+@needs_fixtures
+def test_predict_rgb_alone_uses_the_missing_mode_and_says_so(files, tmp_path, capsys):
+    """One 3-channel image: the adapter's aux-missing mode, announced on stderr; the label equals
+    segmenter(rgb, None) of the same adapter, computed here from the image itself."""
+    from gopt_adapter.predict import read_pair
+    from gopt_adapter.transforms import NormalizeConfig
+
+    segmenter = apply_gopt(tiny_vit(), 1, NUM_CLASSES, hidden_dim=8, head_channels=16, aux_dropout=0.2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in segmenter.adapter.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    save_adapter(segmenter, tmp_path / "robust.safetensors")
+    out = tmp_path / "out"
+    assert main(predict_args(files, RGBD_RGB, out=out, adapter=tmp_path / "robust.safetensors")) == 0
+    assert f"no aux image for {RGBD_RGB}: using the adapter's aux-missing mode" in capsys.readouterr().err
+    label = check_outputs(out, "sample_rgb", (424, 512))
+    pair = read_pair(RGBD_RGB, None)
+    norm = NormalizeConfig()
+    rgb = (torch.from_numpy(pair.rgb.transpose(2, 0, 1))[None] - torch.tensor(norm.rgb_mean).view(1, 3, 1, 1)) \
+        / torch.tensor(norm.rgb_std).view(1, 3, 1, 1)
+    rgb = torch.nn.functional.pad(rgb, (0, -512 % 16, 0, -424 % 16))
+    with torch.no_grad():
+        expected = segmenter.eval()(rgb, None)[0, :, :424, :512].argmax(0).numpy()
+    assert np.array_equal(label, expected)
+
+
+@needs_fixtures
+def test_predict_rgb_alone_with_an_adapter_without_the_mode_is_one_error_line(files, tmp_path, capsys):
+    assert main(predict_args(files, RGBD_RGB, out=tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no aux-missing mode" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
