@@ -235,3 +235,13 @@ def test_gopt_train_without_a_backbone_choice_names_the_three_flags(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "exactly one of --weights FILE, --pretrained or --random-init" in err
     assert not out.exists()
+
+
+def test_upper_case_suffixes_are_read_like_lower_case_ones(tmp_path):
+    """The layout's suffixes match case-insensitively for every folder, aux and label included."""
+    make_folder(tmp_path, {"train": 2})
+    for path in sorted((tmp_path / "train").glob("*/train_000.png")):
+        path.rename(path.with_suffix(".PNG"))
+    dataset = get_dataset("folder", tmp_path, "train")
+    assert len(dataset) == 2 and dataset.samples[0].label.name == "train_000.PNG"
+    assert dataset[0]["label"].shape == (32, 48)

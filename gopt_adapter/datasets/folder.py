@@ -38,7 +38,6 @@ from .base import (
     check_choice,
     check_image,
     files_by_stem,
-    find_image,
     map_labels,
     read_image,
     require_dir,
@@ -145,9 +144,11 @@ class FolderDataset(FileSegDataset):
             if orphans:
                 raise FileNotFoundError(f"RGB image not found for {files[orphans[0]]}: expected "
                                         f"{dirs['rgb'] / orphans[0]}{{{','.join(RGB_SUFFIXES)}}}")
-        return [SampleFiles(stem, path, find_image(dirs["aux"], stem, AUX_SUFFIXES, "aux image"),
-                            find_image(dirs["label"], stem, (".png",), "label image"))
-                for stem, path in rgb.items()]
+        for kind, files, suffixes in (("aux", aux, AUX_SUFFIXES), ("label", label, (".png",))):
+            lacking = [stem for stem in rgb if stem not in files]
+            if lacking:  # the same message the readers' find_image gives
+                raise FileNotFoundError(f"{kind} image not found: {dirs[kind] / (lacking[0] + suffixes[0])}")
+        return [SampleFiles(stem, path, aux[stem], label[stem]) for stem, path in rgb.items()]
 
     def _check_files(self) -> tuple[int, tuple[int, int] | None]:
         """Checks every sample (see the module docstring); returns the aux channel count and the
