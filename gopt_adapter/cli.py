@@ -607,7 +607,7 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     from .adapter_io import AdapterError, read_adapter_file
-    from .export import PARITY_TOLERANCE, example_inputs, export_onnx, onnx_max_difference
+    from .export import PARITY_TOLERANCE, example_inputs, export_onnx, onnx_max_difference, require_module
     from .predict import parse_json_kwargs
 
     height, width = args.size
@@ -626,6 +626,11 @@ def _export(args: argparse.Namespace) -> int:
         backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
     except ValueError as exc:
         raise CliError(str(exc), "See gopt export --help") from None
+    try:
+        for module in ("onnx", "onnxscript", "onnxruntime"):  # before any work: the check needs all three
+            require_module(module)
+    except ImportError as exc:
+        raise CliError(str(exc), "Install the export extra") from None
     segmenter, file = _restore(args, file, args.backbone, backbone_kwargs)
 
     # written next to -o first: a model that fails the check never replaces anything
@@ -633,10 +638,7 @@ def _export(args: argparse.Namespace) -> int:
     os.close(fd)
     os.unlink(tmp)  # export_onnx creates it with the usual mode (mkstemp's is private)
     try:
-        try:
-            export_onnx(segmenter, tmp, (height, width), dynamic_size=args.dynamic_size, opset=args.opset)
-        except ImportError as exc:
-            raise CliError(str(exc), "Install the export extra") from None
+        export_onnx(segmenter, tmp, (height, width), dynamic_size=args.dynamic_size, opset=args.opset)
         ph, pw = segmenter.spec.patch_size
         sizes = [(height, width)] + ([(height + ph, width + 2 * pw)] if args.dynamic_size else [])
         checks = []

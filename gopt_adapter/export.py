@@ -28,7 +28,8 @@ PARITY_TOLERANCE = 1e-4
 TRACE_BATCH = 2
 
 
-def _require(module: str) -> None:
+def require_module(module: str) -> None:
+    """Raises ``ImportError`` naming the ``export`` extra when ``module`` is not installed."""
     try:
         __import__(module)
     except ImportError:
@@ -90,7 +91,7 @@ def export_onnx(segmenter: GoptSegmenter, path: str | os.PathLike, image_size: t
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist")
     for module in ("onnx", "onnxscript"):
-        _require(module)
+        require_module(module)
 
     rgb, aux = example_inputs(segmenter, size)
     axes: dict[int, object] = {0: torch.export.Dim.DYNAMIC}
@@ -106,7 +107,7 @@ def export_onnx(segmenter: GoptSegmenter, path: str | os.PathLike, image_size: t
 def onnx_max_difference(path: str | os.PathLike, segmenter: GoptSegmenter, rgb: torch.Tensor,
                         aux: torch.Tensor) -> float:
     """Largest ``|onnxruntime - PyTorch|`` over the logits of one input, CPU provider, eval mode."""
-    _require("onnxruntime")
+    require_module("onnxruntime")
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
