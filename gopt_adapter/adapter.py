@@ -108,6 +108,10 @@ class GoptAdapter(nn.Module):
         class_tokens = self.class_tokens.unsqueeze(0).expand(aux.shape[0], -1, -1)  # [B, C, r]
         return PromptState(aux_tokens, class_tokens)
 
+    def prompts_at(self, block_index: int) -> bool:
+        """Whether a prompter sits before block ``block_index``."""
+        return block_index in self._slot
+
     def prompt(self, block_index: int, x: torch.Tensor, state: PromptState) -> tuple[torch.Tensor, PromptState]:
         """Applies the prompter of ``block_index`` (if any) to a block's input tokens."""
         slot = self._slot.get(block_index)

@@ -139,6 +139,10 @@ class BaselineAdapter(nn.Module):
     def initial_state(self, aux: torch.Tensor) -> torch.Tensor:
         return aux  # [B, C_aux, H, W], handed unchanged from block to block
 
+    def prompts_at(self, block_index: int) -> bool:
+        """Whether ``prompt`` changes the tokens entering block ``block_index``."""
+        return False
+
     def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, aux
 
@@ -157,6 +161,9 @@ class AdditiveAuxAdapter(BaselineAdapter):
     def __init__(self, config: BaselineConfig, spec: BackboneSpec, aux_embed: nn.Module) -> None:
         super().__init__(config, spec)
         self.aux_embed = aux_embed  # [B, C_aux, H, W] -> [B, S, D]
+
+    def prompts_at(self, block_index: int) -> bool:
+        return block_index == 0
 
     def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if block_index != 0:
@@ -177,6 +184,9 @@ class VptAdapter(BaselineAdapter):
         self.deep = bool(deep)
         count = spec.depth if self.deep else 1
         self.embeds = nn.ModuleList(FullWidthAuxEmbed(config.aux_channels, spec) for _ in range(count))
+
+    def prompts_at(self, block_index: int) -> bool:
+        return block_index < len(self.embeds)
 
     def prompt(self, block_index: int, x: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if block_index >= len(self.embeds):  # embeds[l] sits before block l, l = 0 .. count - 1

@@ -63,6 +63,8 @@ class PromptContext:
             if route.samples is None:
                 x, route.state = route.adapter.prompt(block_index, x, route.state)
                 continue
+            if not route.adapter.prompts_at(block_index):  # no prompter here: no gather of its rows
+                continue
             rows = x[route.samples]  # [n, ...]
             prompted, route.state = route.adapter.prompt(block_index, rows, route.state)
             if prompted is not rows:
