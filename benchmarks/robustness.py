@@ -34,13 +34,14 @@ SECTION = "robustness"  # markers of the generated part of docs/results.md
 def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights: str, result: str) -> dict[str, Any]:
     """Trains one run as the ablation does, then evaluates it under every aux condition."""
     start = time.perf_counter()
-    model, _, train, val = train_run(config, world, variant, seed, weights, Path(result).with_suffix(""))
+    model, metrics, train, val = train_run(config, world, variant, seed, weights, Path(result).with_suffix(""))
     num_classes = len(val.class_names)
     has_missing_mode = getattr(getattr(model, "config", None), "has_missing_mode", False)
+    clean = miou_record(metrics, val)  # the trainer's final evaluation is the clean condition
     conditions: dict[str, dict[str, float] | None] = {}
     for fault in ROBUSTNESS_FAULTS:
-        if fault.kind == "missing" and variant == "foundation":  # reads no aux: nothing to miss
-            conditions[fault.name] = miou_record(evaluate(model, val, num_classes), val)
+        if fault.kind == "clean" or (fault.kind == "missing" and variant == "foundation"):  # reads no aux
+            conditions[fault.name] = clean
         elif fault.kind == "missing":
             conditions[fault.name] = (miou_record(evaluate(WithoutAux(model), val, num_classes), val)
                                       if has_missing_mode else None)
