@@ -47,8 +47,6 @@ def backbone_for_adapter(file: AdapterFile, weights: str | os.PathLike | None = 
     kwargs = backbone_kwargs if backbone_kwargs is not None else dict(file.backbone_kwargs or {})
     try:
         return create_backbone(name, weights, kwargs, pretrained=pretrained)
-    except FileNotFoundError:
-        raise
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as exc:  # timm's, for weights that do not fit
         first = " ".join(str(exc).split()) or type(exc).__name__
         first = first if len(first) <= 300 else first[:300] + " (...)"
