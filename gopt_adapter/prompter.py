@@ -127,8 +127,10 @@ class GroupingPrompter(nn.Module):
     """The prompter placed before one frozen block: it rescales the block's patch tokens.
 
     Ablations (paper Table 4): without CUP the group prompts are the incoming class tokens
-    plus the mean aux token (no self-attention, no grouping); without ACP each RGB token takes
-    the prompt of the group its own aux token was assigned to by CUP.
+    plus the mean aux token (no self-attention, no grouping), and the class tokens pass on
+    unchanged (nothing was grouped, so eq. 15 has no new prompts to inherit; handing on the
+    sum would add the mean aux token once more at every prompter); without ACP each RGB token
+    takes the prompt of the group its own aux token was assigned to by CUP.
     """
 
     def __init__(self, config: GoptConfig, embed_dim: int) -> None:
@@ -145,15 +147,17 @@ class GroupingPrompter(nn.Module):
         tokens rescaled (prefix tokens untouched), and the state for the next prompter."""
         if self.cup is not None:
             aux_tokens, prompts, assign = self.cup(state.aux_tokens, state.class_tokens)
+            inherited = prompts  # eq. 15: c_m <- P_m
         else:
             aux_tokens = state.aux_tokens
             prompts = state.class_tokens + aux_tokens.mean(dim=1, keepdim=True)  # [B, C, r]
+            inherited = state.class_tokens  # no grouping: c_m <- c_{m-1}, no drift
         if self.acp is not None:
             token_prompts = self.acp(tokens, num_prefix_tokens, prompts, aux_tokens)  # [B, S, r]
         else:
             token_prompts = assign @ prompts  # [B, S, C] @ [B, C, r] -> [B, S, r]
         prompted = recomputed(self.inject, tokens, token_prompts, num_prefix_tokens)
-        return prompted, PromptState(aux_tokens, prompts)  # eq. 15: c_m <- P_m
+        return prompted, PromptState(aux_tokens, inherited)
 
     def inject(self, tokens: torch.Tensor, token_prompts: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         """Eq. 3: patch tokens times ``1 + Up(t)`` (``Up`` starts at zero: identity at init)."""

@@ -178,3 +178,25 @@ def test_bf16_logits_get_float32_noise_and_keep_their_dtype():
     assign = gumbel_assignment(logits, tau=1.0, hard=True, noise=True)
     assert assign.dtype == torch.bfloat16
     torch.testing.assert_close(assign.float().mean(0), torch.full((8,), 0.125), atol=0.005, rtol=0)
+
+
+def test_without_cup_the_group_prompts_do_not_drift_from_block_to_block():
+    """Without CUP every prompter groups with c^0 + mean(f^0): the class tokens pass on
+    unchanged, so the mean aux token is not added again at each of the 12 prompters."""
+    torch.manual_seed(0)
+    model = make_backbone("vit", depth=12)
+    spec = BackboneSpec.from_model(model)
+    adapter = GoptAdapter(GoptConfig(1, 4, hidden_dim=8, use_cup=False), spec).eval()
+    seen = []
+    for prompter in adapter.prompters:
+        prompter.acp.register_forward_pre_hook(lambda m, args: seen.append(args[2]))  # (tokens, P, prompts, aux)
+    aux = torch.randn(2, 1, 32, 48)
+    x = torch.randn(2, 1 + 6, 32)
+    state = adapter.initial_state(aux)
+    expected = adapter.class_tokens + adapter.aux_embed(aux).mean(dim=1, keepdim=True)  # [2, C, r]
+    with torch.no_grad():
+        for index in range(12):
+            x, state = adapter.prompt(index, x, state)
+    assert len(seen) == 12
+    for prompts in seen:
+        torch.testing.assert_close(prompts, expected, rtol=0, atol=1e-6)
