@@ -3,15 +3,18 @@ on the built-in synthetic world, on the CPU:
 
     python -m benchmarks.ablation --out runs/ablation --doc docs/results.md
 
-For each world (``depth``, ``thermal``) a small ViT is first pretrained on RGB alone by the
-demo's path (:func:`gopt_adapter.demo.train_foundation`): it is this world's "pretrained
-foundation model", shared by every row and seed. Each variant then starts from it and
-trains with each seed; the table reports mean and standard deviation over the seeds of the
-mIoU overall and on the classes that only the auxiliary channel separates.
+For each world (``depth``, ``thermal``) and seed a small ViT is first pretrained on RGB alone
+by the demo's path (:func:`gopt_adapter.demo.train_foundation`) with that seed: it is the
+"pretrained foundation model" of that seed, shared by every row of the seed. Each variant
+then starts from it and trains with the same seed, so the spread over seeds covers the
+foundation's training as well as the adapter's (the world's scenes stay fixed); the table
+reports mean and standard deviation over the seeds of the mIoU overall and on the classes
+that only the auxiliary channel separates.
 
 Runs go to two worker processes (one thread each, which beats one process with two threads
-for a model this small). Every finished run leaves ``<out>/<world>/<variant>_s<seed>.json``;
-an interrupted job started again with the same ``--out`` skips what is done.
+for a model this small). Every finished run leaves ``<out>/<world>/<variant>_s<seed>.json``,
+every foundation ``<out>/<world>/foundation_vit_s<seed>.safetensors``; an interrupted job
+started again with the same ``--out`` skips what is done.
 """
 
 from __future__ import annotations
@@ -86,12 +89,16 @@ class AblationConfig:
 
 
 # ------------------------------------------------------------------------ runs
-def pretrain(config: AblationConfig, world: str, out: Path) -> Path:
-    """This world's RGB-only foundation weights (trained once, reused when present)."""
-    demo = replace(config.demo, mode=world, out=str(out / world))
-    weights = out / world / "foundation_vit.safetensors"
-    if not weights.exists():
-        train_foundation(demo, weights, progress=False)
+def foundation_weights(out: Path, world: str, seed: int) -> Path:
+    """Where the RGB-only foundation of ``world`` pretrained with ``seed`` is kept."""
+    return out / world / f"foundation_vit_s{seed}.safetensors"
+
+
+def pretrain(config: AblationConfig, world: str, seed: int, weights: str) -> str:
+    """Trains the RGB-only foundation of ``world`` with ``seed`` into ``weights`` (in a worker)."""
+    torch.set_num_threads(1)
+    demo = replace(config.demo, mode=world, out=str(Path(weights).with_suffix("")))
+    train_foundation(demo, weights, progress=False, seed=seed)
     return weights
 
 
@@ -152,11 +159,12 @@ def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]
     ``job(config, world, variant, seed, weights, result)`` trains one run in a worker process and
     writes its record to ``result`` (a top-level function, so that it pickles).
     """
-    records, todo = [], []
+    records, todo, foundations = [], [], []
     for world in config.worlds:
-        weights = pretrain(config, world, out)
-        print(f"[{world}] foundation ready: {weights}", file=sys.stderr)
         for seed in config.seeds:
+            weights = foundation_weights(out, world, seed)
+            if not weights.exists():
+                foundations.append((world, seed, str(weights)))
             for variant in config.variants:
                 result = out / world / f"{variant}_s{seed}.json"
                 if result.exists():
@@ -167,6 +175,9 @@ def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads
     with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+        needed = {(world, seed) for world, _, seed, _, _ in todo}  # a finished seed needs no foundation
+        for done in as_completed([pool.submit(pretrain, config, *args) for args in foundations if args[:2] in needed]):
+            print(f"foundation ready: {done.result()}", file=sys.stderr)
         futures = [pool.submit(job, config, *args) for args in todo]
         for done, future in enumerate(as_completed(futures), 1):
             record = future.result()
@@ -206,7 +217,8 @@ def setup(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, 
         + (f" ({reused} runs found finished were not run again)." if reused else ".")
         + "\n\n"
         f"Backbone: `{config.demo.backbone}` with {config.demo.backbone_kwargs}, pretrained on RGB alone by the "
-        f"demo's path, then each row trains from it. Data: {config.demo.train_length} training and "
+        f"demo's path once per seed, then each row of that seed trains from it, so the spread over seeds "
+        f"includes the foundation's training (the scenes are the same for every seed). Data: {config.demo.train_length} training and "
         f"{config.demo.val_length} validation scenes at {config.demo.size}x{config.demo.size}. "
         f"Frozen-backbone rows: {config.frozen.epochs} epochs, batch {config.frozen.batch_size}, AdamW, "
         f"LR {config.frozen.lr:g}, polynomial decay; fine-tuned rows (Foundation, FFT): the same with LR "

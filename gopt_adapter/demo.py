@@ -75,17 +75,22 @@ def build_foundation_backbone(config: DemoConfig, weights: str | Path | None = N
     return create_backbone(config.backbone, weights, config.backbone_kwargs)
 
 
-def train_foundation(config: DemoConfig, weights: str | Path, progress: bool = True):
+def train_foundation(config: DemoConfig, weights: str | Path, progress: bool = True, seed: int | None = None):
     """Trains the RGB-only foundation ViT (SETR-naive head, full fine-tuning) on the synthetic
     world and writes the ViT's weights to ``weights``, as a user's pretrained checkpoint.
 
+    ``seed`` seeds the training (initialisation, data order, augmentation); ``None`` means
+    ``config.seed``, which always chooses the world's scenes, so foundations of several seeds
+    are trained on the same data.
+
     Returns ``(vit, metrics, trainable_parameters)``.
     """
+    seed = config.seed if seed is None else seed
     train, val = synthetic_datasets(config)
     num_classes = len(train.class_names)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     foundation = build_variant("foundation", build_foundation_backbone(config), train.aux_channels, num_classes)
-    trainer = Trainer(foundation, train, num_classes, replace(config.foundation, seed=config.seed, progress=progress),
+    trainer = Trainer(foundation, train, num_classes, replace(config.foundation, seed=seed, progress=progress),
                       Path(config.out) / "foundation", val_set=val, device="cpu", ctx=Dist())
     metrics = trainer.fit()
     trainable = count_parameters(foundation).trainable
