@@ -495,12 +495,12 @@ def test_backbone_never_touched_by_io(files, tmp_path):
 
 def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
     """A well-formed file whose tensors have a dtype we never write (float64, int32 counters)."""
-    from gopt_adapter.adapter_io import encode_adapter
+    from gopt_adapter.model import adapter_bytes
 
     segmenter = build(CONFIGS["default"], seed=0)
     before = snapshot(segmenter)
     segmenter.adapter.double()
-    data = encode_adapter(segmenter.adapter, segmenter.backbone_fingerprint())  # valid checksum, float64 tensors
+    data = adapter_bytes(segmenter.adapter, segmenter.backbone_fingerprint())  # valid checksum, float64 tensors
     segmenter.adapter.float()  # float32 -> float64 -> float32 is exact
     path = tmp_path / "f64.safetensors"
     path.write_bytes(data)
@@ -512,12 +512,12 @@ def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
 # ------------------------------------------------------------- files that fit badly
 def doctored_file(tmp_path, segmenter, doctor) -> Path:
     """A file written by the library's own encoder (valid checksum) from a doctored copy of the adapter."""
-    from gopt_adapter.adapter_io import encode_adapter
+    from gopt_adapter.model import adapter_bytes
 
     adapter = copy.deepcopy(segmenter.adapter)
     doctor(adapter)
     path = tmp_path / "doctored.safetensors"
-    path.write_bytes(encode_adapter(adapter, segmenter.backbone_fingerprint()))
+    path.write_bytes(adapter_bytes(adapter, segmenter.backbone_fingerprint()))
     read_adapter_file(path)  # the checksum holds: only the tensor check can refuse it
     return path
 
