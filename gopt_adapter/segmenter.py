@@ -199,7 +199,6 @@ def check_unwrapped(model: nn.Module) -> None:
         raise ValueError("this model already has GoPT applied; use segmenter.add_adapter() for another task")
 
 
-
 def remove_gopt(segmenter: PromptedSegmenter) -> nn.Module:
     """Gives back the original timm model: module tree, keys, ``requires_grad`` flags and the
     train/eval mode of every submodule as they were when GoPT was applied.
@@ -222,8 +221,6 @@ def remove_gopt(segmenter: PromptedSegmenter) -> nn.Module:
         module.training = original["training"][name]
     del segmenter._modules["backbone"]
     return model
-
-
 
 
 __all__ = ["DEFAULT_ADAPTER", "PromptedSegmenter", "check_adapter_name", "check_unwrapped", "remove_gopt"]

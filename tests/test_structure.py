@@ -221,3 +221,31 @@ def test_baselines_and_gopt_share_a_base_that_refuses_nothing():
     assert not gopt_only & set(dir(PromptedSegmenter)) and not gopt_only & set(dir(BaselineSegmenter))
     segmenter = apply_gopt(make_backbone("vit", depth=2), 1, 3, hidden_dim=8)
     assert isinstance(segmenter, PromptedSegmenter) and isinstance(segmenter.adapter, SegmentationAdapter)
+
+
+@pytest.mark.parametrize("name", ["fft", "vpt_deep"])
+def test_the_shared_base_serves_baselines_remove_count_export_and_aux_missing(name):
+    """remove_gopt gives a baseline's timm model back as it was, count_parameters counts it,
+    export_onnx accepts it (refusing only the bad size), and the aux-missing path names it."""
+    from gopt_adapter import count_parameters, export_onnx, remove_gopt
+    from gopt_adapter.aux_faults import WithoutAux
+
+    model = make_backbone("vit", depth=2).train()
+    model.blocks[0].requires_grad_(False)
+    flags = {key: p.requires_grad for key, p in model.named_parameters()}
+    modes = {key: m.training for key, m in model.named_modules()}
+    keys = list(model.state_dict())
+    segmenter = build_variant(name, model, 1, 3)
+    counted = count_parameters(segmenter)
+    assert counted.total == sum(p.numel() for p in segmenter.parameters())
+    assert counted.trainable == sum(p.numel() for p in segmenter.parameters() if p.requires_grad) > 0
+    with pytest.raises(ValueError, match="two positive integers"):
+        export_onnx(segmenter, "unused.onnx", (32,))
+    with pytest.raises(ValueError, match="no aux-missing mode"):
+        WithoutAux(segmenter)(torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32))
+    restored = remove_gopt(segmenter)
+    assert restored is model and list(model.state_dict()) == keys
+    assert {key: p.requires_grad for key, p in model.named_parameters()} == flags
+    assert {key: m.training for key, m in model.named_modules()} == modes
+    with pytest.raises(TypeError, match="remove_gopt needs a segmenter"):
+        remove_gopt(model)
