@@ -10,11 +10,13 @@ from .adapter import GoptAdapter
 from .adapter_io import AdapterError, read_adapter_file
 from .backbone import BackboneSpec
 from .config import GoptConfig
+from .contract import SegmentationAdapter
 from .export import export_onnx
 from .model import GoptSegmenter, apply_gopt, load_adapter, remove_gopt, save_adapter
 from .parameters import ParameterCount, count_parameters
 from .preprocessing import Preprocessing
 from .restore import restore_segmenter
+from .segmenter import PromptedSegmenter
 from .version import __version__
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "GoptSegmenter",
     "ParameterCount",
     "Preprocessing",
+    "PromptedSegmenter",
+    "SegmentationAdapter",
     "apply_gopt",
     "count_parameters",
     "export_onnx",

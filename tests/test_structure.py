@@ -99,11 +99,32 @@ def test_the_cycle_finder_sees_a_cycle_through_a_type_checking_import(tmp_path):
     assert find_cycle(import_graph(package)) is None
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
 def test_no_import_cycle_among_the_package_modules():
     graph = import_graph(PACKAGE)
     assert {"gopt_adapter.model", "gopt_adapter.adapter_io", "gopt_adapter.datasets.base"} <= set(graph)
     assert "gopt_adapter.adapter_io" in graph["gopt_adapter.model"]  # the graph sees real edges
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_file_format_knows_no_model_and_the_public_api_no_reader():
+    """Statically, lazy imports included: adapter_io reaches no adapter or segmenter, and
+    nothing gopt_adapter/__init__.py imports reaches a dataset reader or the CLI layer."""
+    graph = import_graph(PACKAGE)
+    assert not reachable(graph, "gopt_adapter.adapter_io") & {
+        "gopt_adapter.adapter", "gopt_adapter.model", "gopt_adapter.segmenter", "gopt_adapter.baselines"}
+    core = reachable(graph, "gopt_adapter")
+    assert {"gopt_adapter.model", "gopt_adapter.scaling"} <= core
+    assert not {m for m in core if m.startswith("gopt_adapter.datasets")}
+    assert not core & {"gopt_adapter.cli", "gopt_adapter.predict", "gopt_adapter.visualize", "gopt_adapter.recipe"}
 
 
 def test_importing_the_package_loads_no_dataset_reader_pil_or_tifffile():
