@@ -40,10 +40,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from gopt_adapter import GoptSegmenter, count_parameters, load_adapter, save_adapter
+from gopt_adapter import count_parameters, load_adapter, save_adapter
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.engine import trainable_state_dict
 from gopt_adapter.files import tensors_bytes
+from gopt_adapter.segmenter import PromptedSegmenter
 
 from .markdown import invocation, write_section
 
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
         model = build_variant(name, copy.deepcopy(base), 1, args.num_classes).to(device)
         params = count_parameters(model)
         rows.append(Row(name, model, params.trainable, len(tensors_bytes(trainable_state_dict(model))), [], []))
-    lower_bound = rows[0].model if isinstance(rows[0].model, GoptSegmenter) else None
+    lower_bound = rows[0].model if isinstance(rows[0].model, PromptedSegmenter) else None
     frozen_forward: list[float] = []
     optimizers = {row.name: torch.optim.AdamW([p for p in row.model.parameters() if p.requires_grad], lr=1e-6)
                   for row in rows}

@@ -6,17 +6,18 @@ Two lines from a pretrained timm ViT to an RGB-X segmenter::
     segmenter = apply_gopt(model, aux_channels=1, num_classes=40)
 """
 
-__version__ = "0.1.0"
-
 from .adapter import GoptAdapter
-from .adapter_io import AdapterError, load_adapter, read_adapter_file, save_adapter
+from .adapter_io import AdapterError, read_adapter_file
 from .backbone import BackboneSpec
 from .config import GoptConfig
+from .contract import SegmentationAdapter
 from .export import export_onnx
-from .model import GoptSegmenter, apply_gopt, remove_gopt
+from .model import GoptSegmenter, apply_gopt, load_adapter, remove_gopt, save_adapter
 from .parameters import ParameterCount, count_parameters
 from .preprocessing import Preprocessing
 from .restore import restore_segmenter
+from .segmenter import PromptedSegmenter
+from .version import __version__
 
 __all__ = [
     "AdapterError",
@@ -26,6 +27,8 @@ __all__ = [
     "GoptSegmenter",
     "ParameterCount",
     "Preprocessing",
+    "PromptedSegmenter",
+    "SegmentationAdapter",
     "apply_gopt",
     "count_parameters",
     "export_onnx",

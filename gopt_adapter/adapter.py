@@ -7,6 +7,7 @@ from torch import nn
 
 from .backbone import BackboneSpec
 from .config import GoptConfig
+from .contract import SegmentationAdapter
 from .heads import build_head
 from .preprocessing import Preprocessing
 from .prompter import AuxPatchEmbed, GroupingPrompter, PromptState
@@ -25,7 +26,7 @@ def xavier_init_(module: nn.Module) -> None:
             layer.reset_parameters()
 
 
-class GoptAdapter(nn.Module):
+class GoptAdapter(nn.Module, SegmentationAdapter):
     """All weights a task adds to a frozen backbone; saved and swapped as one unit.
 
     ``prompters[k]`` sits before block ``block_indices[k]``. ``preprocessing`` (optional) records

@@ -1,4 +1,9 @@
-"""Adapter files: one safetensors file per task, written atomically, read all-or-nothing.
+"""Adapter files: one safetensors file per task, its bytes sealed with a checksum and verified on reading.
+
+The file format only: it converts between bytes and an adapter's contents (config, tensors,
+backbone fingerprint, preprocessing, class names, backbone origin) and knows no model. What
+takes a segmenter (``save_adapter``, ``load_adapter``, building an adapter from a file) is in
+:mod:`gopt_adapter.model`.
 
 Layout of a file: the adapter's state-dict tensors (aux embedding, class tokens, prompters,
 head with its BatchNorm buffers) and string metadata:
@@ -30,21 +35,16 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from . import __version__
-from .adapter import GoptAdapter
-from .backbone import BackboneSpec, backbone_origin
+from .backbone import BackboneSpec
 from .config import GoptConfig
-from .files import atomic_write_bytes
 from .preprocessing import Preprocessing, check_aux_channels
-
-if TYPE_CHECKING:
-    from .model import GoptSegmenter
+from .version import __version__
 
 FORMAT = "gopt-adapter"
 FORMAT_VERSION = "2"  # 2: one-pass checksum over the data section; ACP query in the config
@@ -124,42 +124,46 @@ def seal(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> by
     return sealed
 
 
-def encode_adapter(adapter: GoptAdapter, backbone: Mapping[str, Any], dtype: torch.dtype | None = None,
-                   origin: Mapping[str, Any] | None = None) -> bytes:
-    """Serialises an adapter to the bytes of a safetensors file (floating tensors cast to ``dtype``).
+def encode_adapter(config: GoptConfig, tensors: Mapping[str, torch.Tensor], backbone: Mapping[str, Any], *,
+                   preprocessing: Preprocessing | None = None, class_names: Sequence[str] | None = None,
+                   origin: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> bytes:
+    """The bytes of an adapter file: ``tensors`` (an adapter's state dict; floating ones cast to
+    ``dtype``) and the metadata (``backbone`` is the fingerprint, see :func:`fingerprint`).
 
     ``origin`` (``{"name", "kwargs"}``, see :func:`~gopt_adapter.backbone.backbone_origin`) is
     recorded as ``timm_model``; kwargs that are not JSON are recorded as unknown (``null``).
     """
-    if not isinstance(adapter, GoptAdapter):
-        raise TypeError(f"adapter files hold GoPT adapters, not {type(adapter).__name__}")
+    if not isinstance(config, GoptConfig):
+        raise TypeError(f"adapter files hold GoPT adapters (a GoptConfig), not a {type(config).__name__}")
     if dtype is not None and dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {_SAVE_DTYPES} or None, got {dtype}")
-    tensors = {}
-    for name, tensor in adapter.state_dict().items():
+    if class_names is not None and len(class_names) != config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for an adapter of {config.num_classes} classes")
+    stored = {}
+    for name, tensor in tensors.items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        tensors[name] = tensor.contiguous()
+        stored[name] = tensor.contiguous()
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "config": json.dumps(adapter.config.to_dict(), sort_keys=True),
+        "config": json.dumps(config.to_dict(), sort_keys=True),
         "backbone": json.dumps(dict(backbone), sort_keys=True),
     }
-    if adapter.preprocessing is not None:
-        check_aux_channels(adapter.preprocessing.normalize, adapter.config.aux_channels)
-        metadata["preprocessing"] = json.dumps(adapter.preprocessing.to_dict(), sort_keys=True)
-    if adapter.class_names is not None:
-        metadata["class_names"] = json.dumps(list(adapter.class_names))
+    if preprocessing is not None:
+        check_aux_channels(preprocessing.normalize, config.aux_channels)
+        metadata["preprocessing"] = json.dumps(preprocessing.to_dict(), sort_keys=True)
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
     if origin is not None:
         try:
             kwargs = json.loads(json.dumps(origin.get("kwargs"), sort_keys=True))
         except (TypeError, ValueError):  # e.g. a layer class as a kwarg: cannot be rebuilt from JSON
             kwargs = None
         metadata["timm_model"] = json.dumps({"name": str(origin["name"]), "kwargs": kwargs}, sort_keys=True)
-    return seal(tensors, metadata)
+    return seal(stored, metadata)
 
 
 def _read_metadata(header: Mapping[str, Any], path: Path) -> dict[str, str]:
@@ -273,62 +277,3 @@ def check_tensors(file: AdapterFile, expected: Mapping[str, torch.Tensor]) -> No
 def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
     """Floating tensors may be stored in any of the save dtypes; others exactly as in memory."""
     return stored in _SAVE_DTYPES if expected.is_floating_point else stored == expected
-
-
-def adapter_from_file(file: AdapterFile, spec: BackboneSpec) -> GoptAdapter:
-    """A new adapter built from the file's config and holding its weights and preprocessing."""
-    try:
-        adapter = GoptAdapter(file.config, spec)
-    except ValueError as exc:
-        raise AdapterError(f"{file.path}: config does not fit this backbone ({exc})") from None
-    _load_checked(adapter, file)
-    return adapter
-
-
-def save_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, dtype: torch.dtype | None = None,
-                 adapter_name: str | None = None) -> Path:
-    """Writes one adapter (the active one by default) to a single ``.safetensors`` file."""
-    adapter = segmenter.get_adapter(adapter_name)
-    data = encode_adapter(adapter, segmenter.backbone_fingerprint(), dtype, backbone_origin(segmenter.backbone))
-    atomic_write_bytes(path, data)
-    return Path(path)
-
-
-def load_adapter(segmenter: "GoptSegmenter", path: str | os.PathLike, adapter_name: str | None = None,
-                 allow_backbone_mismatch: bool = False) -> None:
-    """Loads a file's weights and preprocessing into an existing adapter (the active one by default).
-
-    Everything is checked before the first weight is copied; on any failure the segmenter is
-    left exactly as it was. The file's config must equal the adapter's; to load an adapter of
-    another config as a new task, use ``segmenter.add_adapter(name, path)``.
-    """
-    adapter = segmenter.get_adapter(adapter_name)
-    file = read_adapter_file(path)
-    check_backbone(file, segmenter.backbone_fingerprint(), allow_backbone_mismatch)
-    if file.config != adapter.config:
-        diffs = [
-            f"{key}={value!r} (adapter has {getattr(adapter.config, key)!r})"
-            for key, value in file.config.to_dict().items()
-            if getattr(adapter.config, key) != value
-        ]
-        raise AdapterError(
-            f"{file.path}: adapter config differs: {', '.join(diffs)}; "
-            "use segmenter.add_adapter(name, path) to load it as another task"
-        )
-    _load_checked(adapter, file)
-
-
-@torch.no_grad()
-def _load_checked(adapter: GoptAdapter, file: AdapterFile) -> None:
-    """Checks that the file's tensors fit, then copies them (cast to the adapter's dtype) in place.
-
-    A direct copy into the live tensors: ``load_state_dict`` walks every submodule and costs
-    more than the rest of a swap together.
-    """
-    state = adapter.state_dict(keep_vars=True)
-    check_tensors(file, state)
-    targets = list(state.values())
-    sources = [file.tensors[name].to(target.device) for name, target in state.items()]  # no-op on the CPU
-    torch._foreach_copy_(targets, sources)  # one call for every tensor; casts dtypes
-    adapter.preprocessing = file.preprocessing
-    adapter.class_names = file.class_names

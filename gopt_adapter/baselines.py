@@ -1,7 +1,8 @@
 """The models GoPT is compared with (paper Table 4, Fig. 6 and 7), behind one call and one registry.
 
-Every variant is a :class:`~gopt_adapter.model.GoptSegmenter` (or the subclass
-:class:`BaselineSegmenter`), so all of them take the same batch and fail the same way::
+Every variant is a :class:`~gopt_adapter.segmenter.PromptedSegmenter` (GoPT's
+:class:`~gopt_adapter.model.GoptSegmenter` or :class:`BaselineSegmenter`), so all of them take
+the same batch and fail the same way::
 
     model(rgb [B, 3, H, W], aux [B, C_aux, H, W]) -> logits [B, K, H, W]
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -40,10 +41,12 @@ from torch import nn
 from .backbone import BackboneSpec
 from .adapter import xavier_init_
 from .config import HEADS, check_positive_int
+from .contract import SegmentationAdapter
 from .heads import build_head
 from .tokens import add_to_patch_tokens, rescale_patch_tokens
-from .model import DEFAULT_ADAPTER, GoptSegmenter, apply_gopt, check_unwrapped
+from .model import GoptSegmenter, apply_gopt
 from .prompter import AuxPatchEmbed
+from .segmenter import DEFAULT_ADAPTER, PromptedSegmenter, check_unwrapped
 
 BACKBONE_TRAINING = ("frozen", "full", "lora")
 # timm's image-classification tail (forward_head): the dense head replaces it, no gradient
@@ -56,7 +59,7 @@ AUX_DROPOUT = 0.2
 # --------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class BaselineConfig:
-    """What a baseline adapter needs besides the backbone; ``GoptSegmenter`` reads ``aux_channels``.
+    """What a baseline adapter needs besides the backbone (the segmenter reads ``aux_channels``).
 
     ``variant`` is a label (the registry name) so a printed model says what it is.
     """
@@ -120,8 +123,8 @@ class NarrowAuxEmbed(nn.Module):
 
 
 # ------------------------------------------------------------------- adapters
-class BaselineAdapter(nn.Module):
-    """A baseline's own weights, shaped like :class:`GoptAdapter` for :class:`GoptSegmenter`.
+class BaselineAdapter(nn.Module, SegmentationAdapter):
+    """A baseline's own weights, implementing the adapter contract (:mod:`gopt_adapter.contract`).
 
     The segmenter calls ``initial_state(aux)`` once per forward and ``prompt(block_index, x,
     state)`` before every block, then ``head`` on the final features. This base class is the
@@ -199,8 +202,8 @@ class VptAdapter(BaselineAdapter):
 
 
 # ------------------------------------------------------------------ segmenter
-class BaselineSegmenter(GoptSegmenter):
-    """A :class:`GoptSegmenter` whose backbone may train, holding one baseline adapter.
+class BaselineSegmenter(PromptedSegmenter):
+    """A segmenter whose backbone may train, holding one baseline adapter.
 
     ``backbone_training``:
 
@@ -213,8 +216,9 @@ class BaselineSegmenter(GoptSegmenter):
       stays in eval mode as GoPT's does.
 
     Baselines are benchmark models, not GoPT tasks: adapter files hold GoPT adapters only,
-    and a baseline's trained weights may live in the backbone, so ``save_pretrained``,
-    ``from_pretrained`` and ``add_adapter`` are refused. Save with
+    and a baseline's trained weights may live in the backbone, so it has none of
+    :class:`GoptSegmenter`'s adapter-file and multi-adapter methods (``save_adapter`` and
+    ``load_adapter`` raise :class:`~gopt_adapter.adapter_io.AdapterError`). Save with
     ``torch.save(segmenter.state_dict(), path)``.
     """
 
@@ -236,22 +240,6 @@ class BaselineSegmenter(GoptSegmenter):
         if getattr(self, "backbone_training", None) == "full":
             self.backbone.train(mode)
         return self
-
-    def _refuse(self, what: str) -> NoReturn:
-        raise NotImplementedError(
-            f"{what} handles GoPT adapters only; this is the {self.config.variant!r} baseline. "
-            "Save it with torch.save(segmenter.state_dict(), path)"
-        )
-
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> NoReturn:
-        self._refuse("save_pretrained")
-
-    def add_adapter(self, *args: Any, **kwargs: Any) -> NoReturn:
-        self._refuse("add_adapter")
-
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> NoReturn:
-        raise NotImplementedError("from_pretrained loads GoPT adapters only; use GoptSegmenter.from_pretrained")
 
     def extra_repr(self) -> str:
         return f"variant={self.config.variant!r}, backbone_training={self.backbone_training!r}"

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .datasets.base import AUX_NORMALIZATIONS
+from .scaling import AUX_NORMALIZATIONS
 
 DEBUG_HELP = "show the full traceback of an error (accepted anywhere on the command line)"
 

@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
-from .adapter_io import load_adapter, save_adapter
 from .backbone import create_backbone
 from .aux_faults import WithoutAux
 from .baselines import AUX_DROPOUT, build_variant
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
 from .files import write_tensors
-from .model import apply_gopt, remove_gopt
+from .model import apply_gopt, load_adapter, remove_gopt, save_adapter
 from .parameters import count_parameters
 from .preprocessing import dataset_preprocessing
 from .transforms import build_transforms, default_train_config

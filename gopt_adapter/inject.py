@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .prompter import PromptState
-
-if TYPE_CHECKING:
-    from .adapter import GoptAdapter
+from .contract import SegmentationAdapter
 
 
 @dataclass
@@ -28,16 +25,16 @@ class Route:
     """One adapter's share of a forward: its samples (``None``: the whole batch) and the
     prompter state it carries from block to block, for those samples only."""
 
-    adapter: "GoptAdapter"
+    adapter: SegmentationAdapter
     samples: torch.Tensor | None  # int64 [n] batch indices
-    state: PromptState
+    state: Any  # what the adapter hands from block to block (GoPT: a PromptState)
 
 
 class PromptContext:
     """Per-forward state shared by the wrapped blocks of one segmenter (not a module).
 
     A plain forward has one route over the whole batch; a mixed-task batch
-    (:meth:`GoptSegmenter.forward_mixed`) one route per adapter, over its own samples.
+    (:meth:`~gopt_adapter.model.GoptSegmenter.forward_mixed`) one route per adapter, over its own samples.
     """
 
     def __init__(self) -> None:

@@ -1,4 +1,11 @@
-"""The GoPT segmenter: a frozen timm ViT, its wrapped blocks, and one or more task adapters."""
+"""GoPT's segmenter: one frozen timm ViT shared by several task adapters, and their files.
+
+:class:`GoptSegmenter` is the shared :class:`~gopt_adapter.segmenter.PromptedSegmenter`
+forward plus what only GoPT adapters have: several tasks on one backbone (``add_adapter``,
+``set_adapter``, mixed batches) and adapter files (:func:`save_adapter`, :func:`load_adapter`,
+``save_pretrained`` / ``from_pretrained``), whose bytes :mod:`gopt_adapter.adapter_io` reads
+and writes.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +15,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
 from .adapter import GoptAdapter
 from .adapter_io import (
     AdapterError,
     AdapterFile,
-    adapter_from_file,
     check_backbone,
+    check_tensors,
+    encode_adapter,
     fingerprint,
     read_adapter_file,
-    save_adapter,
 )
-from .backbone import BackboneSpec, weights_digest, weights_version
+from .backbone import BackboneSpec, backbone_origin, weights_digest, weights_version
 from .config import GoptConfig
 from .files import atomic_write_bytes
-from .inject import PromptContext, PromptedBlock, Route, is_wrapped, unwrap_blocks, wrap_blocks
+from .inject import PromptedBlock, Route
+from .segmenter import DEFAULT_ADAPTER, PromptedSegmenter, check_adapter_name, check_unwrapped, remove_gopt
+from .version import __version__
 
-DEFAULT_ADAPTER = "default"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class GoptSegmenter(nn.Module):
-    """RGB-X segmenter: ``segmenter(rgb, aux) -> logits [B, num_classes, H, W]``.
+class GoptSegmenter(PromptedSegmenter):
+    """RGB-X segmenter with GoPT adapters: ``segmenter(rgb, aux) -> logits [B, num_classes, H, W]``.
 
     The backbone (``self.backbone``, the user's timm model with wrapped blocks) is frozen and
     stays in eval mode; only the active adapter in ``self.adapters`` trains. Several adapters
@@ -44,110 +50,8 @@ class GoptSegmenter(nn.Module):
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: GoptAdapter,
                  adapter_name: str = DEFAULT_ADAPTER, weights_sha256: str | None = None) -> None:
-        check_adapter_name(adapter_name)  # before the model is touched
-        super().__init__()
-        self.spec = spec
+        super().__init__(model, spec, adapter, adapter_name)
         self._digest_cache = (weights_version(model), weights_sha256) if weights_sha256 else None
-        self._original = {  # what remove_gopt restores
-            "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-            "training": {name: m.training for name, m in model.named_modules()},
-            "grad_checkpointing": getattr(model, "grad_checkpointing", None),
-        }
-        self._context = PromptContext()
-        model.requires_grad_(False)
-        if self._original["grad_checkpointing"]:
-            model.grad_checkpointing = False  # timm would replay our prompters; see set_grad_checkpointing
-        wrap_blocks(model, self._context)
-        self.backbone = model
-        self.adapters = nn.ModuleDict()
-        self._active: str | None = None
-        self._insert(adapter_name, adapter)
-        self.set_adapter(adapter_name)
-        self.train(model.training)
-
-    # ----------------------------------------------------------------- forward
-    def forward(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
-                aux_missing: torch.Tensor | None = None) -> torch.Tensor:
-        """``rgb [B, 3, H, W]`` and ``aux [B, C_aux, H, W]`` -> logits ``[B, K, H, W]``.
-
-        Without an aux image (``aux=None``), or for the samples flagged in ``aux_missing``
-        (bool ``[B]``; their aux values are not read), the adapter runs in its aux-missing
-        mode. Only adapters trained with ``aux_dropout > 0`` have one.
-        """
-        features = self.features(rgb, aux, aux_missing)  # [B, D, h, w]
-        logits = self.adapter.head(features)  # [B, K, h, w]
-        return self.upsample(logits, rgb.shape[-2:])
-
-    def features(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
-                 aux_missing: torch.Tensor | None = None) -> torch.Tensor:
-        """Last block's patch tokens after the backbone's final norm, ``[B, D, h, w]``."""
-        aux, aux_missing = self._missing_aux_inputs(rgb, aux, aux_missing)
-        self._check_inputs(rgb, aux)
-        adapter = self.adapter
-        state = adapter.initial_state(aux) if aux_missing is None else adapter.initial_state(aux, aux_missing)
-        return self._prompted_features(rgb, [Route(adapter, None, state)])
-
-    def _prompted_features(self, rgb: torch.Tensor, routes: list[Route]) -> torch.Tensor:
-        """The backbone's features ``[B, D, h, w]`` with each route's prompters on its samples."""
-        if getattr(self.backbone, "grad_checkpointing", False):
-            raise RuntimeError("timm's grad checkpointing replays the prompters; use segmenter.set_grad_checkpointing()")
-        with self._context.active(routes):
-            return self.backbone_features(rgb)
-
-    def _missing_aux_inputs(self, rgb: torch.Tensor, aux: torch.Tensor | None,
-                            aux_missing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(aux, missing)`` for the adapter: ``aux=None`` becomes a zero image, all missing."""
-        if aux is None and aux_missing is None:
-            if rgb.ndim != 4:
-                raise ValueError(f"expected rgb [B, {self.spec.in_chans}, H, W], got {tuple(rgb.shape)}")
-            aux = rgb.new_zeros(rgb.shape[0], self.config.aux_channels, *rgb.shape[2:])
-            aux_missing = torch.ones(rgb.shape[0], dtype=torch.bool, device=rgb.device)
-        elif aux is None:
-            raise ValueError("aux_missing needs an aux tensor (use aux=None when every sample lacks aux)")
-        if aux_missing is None:
-            return aux, None
-        if getattr(self.adapter, "missing_aux", None) is None:
-            raise ValueError(
-                f"adapter {self.active_adapter!r} has no aux-missing mode (it was trained with aux_dropout=0, "
-                "the default and the only setting of older adapter files, or it is a baseline): give every "
-                "sample an aux image, or train an adapter with GoptConfig(aux_dropout > 0)"
-            )
-        if not isinstance(aux_missing, torch.Tensor) or aux_missing.dtype != torch.bool \
-                or tuple(aux_missing.shape) != (aux.shape[0],):
-            got = f"{aux_missing.dtype} {tuple(aux_missing.shape)}" if isinstance(aux_missing, torch.Tensor) \
-                else type(aux_missing).__name__
-            raise ValueError(f"aux_missing must be a bool tensor [B] = [{aux.shape[0]}], got {got}")
-        return aux, aux_missing.to(aux.device)
-
-    def backbone_features(self, rgb: torch.Tensor) -> torch.Tensor:
-        """What the backbone computes with no prompter: the frozen RGB model's features."""
-        return self.backbone.forward_intermediates(
-            rgb, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
-        )[-1]
-
-    def upsample(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Bilinear upsampling of patch logits to the input size (padding cropped off)."""
-        if self.spec.dynamic_img_pad:
-            (ph, pw), (h, w) = self.spec.patch_size, logits.shape[-2:]
-            logits = F.interpolate(logits, size=(h * ph, w * pw), mode="bilinear", align_corners=False)
-            return logits[..., : size[0], : size[1]]
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-
-    def _check_inputs(self, rgb: torch.Tensor, aux: torch.Tensor) -> None:
-        config, spec = self.config, self.spec
-        shapes = f"rgb {tuple(rgb.shape)} and aux {tuple(aux.shape)}"
-        expected = f"expected rgb [B, {spec.in_chans}, H, W] and aux [B, {config.aux_channels}, H, W]"
-        if rgb.ndim != 4 or aux.ndim != 4:
-            raise ValueError(f"{expected}, got {shapes}")
-        if rgb.shape[1] != spec.in_chans:
-            raise ValueError(f"wrong RGB channel count: {expected}, got {shapes}")
-        if aux.shape[1] != config.aux_channels:
-            raise ValueError(
-                f"wrong aux channel count: adapter {self.active_adapter!r} takes {config.aux_channels}; {expected}, got {shapes}"
-            )
-        if rgb.shape[0] != aux.shape[0] or rgb.shape[2:] != aux.shape[2:]:
-            raise ValueError(f"rgb and aux must share batch and spatial size, got {shapes}")
-        spec.check_image_size(rgb.shape[2], rgb.shape[3])
 
     # ----------------------------------------------------------- mixed batches
     def forward_mixed(self, rgb: torch.Tensor, aux: torch.Tensor | Sequence[torch.Tensor],
@@ -229,33 +133,6 @@ class GoptSegmenter(nn.Module):
         spec.check_image_size(*size)
         return names
 
-    # ------------------------------------------------------------ train/eval
-    def train(self, mode: bool = True) -> "GoptSegmenter":
-        """Adapters follow ``mode``; the frozen backbone always stays in eval mode."""
-        super().train(mode)
-        if "backbone" in self._modules:
-            self.backbone.eval()
-        return self
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the frozen blocks in backward (prompters run once) to save memory."""
-        for block in self.backbone.blocks:
-            block.checkpoint = enable
-
-    # -------------------------------------------------------------- adapters
-    @property
-    def active_adapter(self) -> str:
-        return self._active
-
-    @property
-    def adapter(self) -> GoptAdapter:
-        """The active adapter."""
-        return self.adapters[self._active]
-
-    @property
-    def config(self) -> GoptConfig:
-        """Config of the active adapter."""
-        return self.adapter.config
 
     def get_adapter(self, name: str | None = None) -> GoptAdapter:
         name = self._active if name is None else name
@@ -286,23 +163,13 @@ class GoptSegmenter(nn.Module):
     def set_adapter(self, name: str) -> None:
         """Makes ``name`` the adapter used by forward; only it has trainable parameters."""
         self.get_adapter(name)
-        for key, adapter in self.adapters.items():
-            adapter.requires_grad_(key == name)
-        self._active = name
+        self._activate(name)
 
     def delete_adapter(self, name: str) -> None:
         self.get_adapter(name)
         if name == self._active:
             raise ValueError(f"cannot delete the active adapter {name!r}; set_adapter() another one first")
         del self.adapters[name]
-
-    def _insert(self, name: str, adapter: GoptAdapter) -> None:
-        reference = next(iter(self.backbone.parameters()), None)
-        if reference is not None:
-            adapter.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
-        adapter.requires_grad_(False)
-        adapter.train(self.training)
-        self.adapters[name] = adapter
 
     # -------------------------------------------------------- files & identity
     def backbone_fingerprint(self, refresh: bool = False) -> dict[str, Any]:
@@ -368,25 +235,9 @@ class GoptSegmenter(nn.Module):
             raise AdapterError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree on the config")
         return cls.from_adapter_file(model, file, adapter_name, allow_backbone_mismatch)
 
-    def extra_repr(self) -> str:
-        return f"active_adapter={self._active!r}"
-
 
 def _shape(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-
-
-def check_adapter_name(name: str) -> None:
-    """Raises ``ValueError`` unless ``name`` can key an adapter (a non-empty string without '.')."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
-
-
-def check_unwrapped(model: nn.Module) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply_gopt needs a timm model (nn.Module), got {type(model).__name__}")
-    if is_wrapped(model):
-        raise ValueError("this model already has GoPT applied; use segmenter.add_adapter() for another task")
 
 
 def apply_gopt(model: nn.Module, aux_channels: int, num_classes: int, interval: int = 1,
@@ -405,25 +256,92 @@ def apply_gopt(model: nn.Module, aux_channels: int, num_classes: int, interval: 
     return GoptSegmenter(model, spec, adapter)
 
 
-def remove_gopt(segmenter: GoptSegmenter) -> nn.Module:
-    """Gives back the original timm model: module tree, keys, ``requires_grad`` flags and the
-    train/eval mode of every submodule as they were when GoPT was applied.
+def adapter_from_file(file: AdapterFile, spec: BackboneSpec) -> GoptAdapter:
+    """A new adapter built from the file's config and holding its weights and preprocessing."""
+    try:
+        adapter = GoptAdapter(file.config, spec)
+    except ValueError as exc:
+        raise AdapterError(f"{file.path}: config does not fit this backbone ({exc})") from None
+    _load_checked(adapter, file)
+    return adapter
 
-    The segmenter is unusable afterwards.
+
+def adapter_bytes(adapter: GoptAdapter, backbone: dict[str, Any], dtype: torch.dtype | None = None,
+                  origin: dict[str, Any] | None = None) -> bytes:
+    """The bytes of ``adapter``'s file for the backbone of fingerprint ``backbone`` (floating
+    tensors cast to ``dtype``; ``origin`` as :func:`~gopt_adapter.backbone.backbone_origin` gives it)."""
+    if not isinstance(adapter, GoptAdapter):
+        raise TypeError(f"adapter files hold GoPT adapters, not {type(adapter).__name__}")
+    return encode_adapter(adapter.config, adapter.state_dict(), backbone, preprocessing=adapter.preprocessing,
+                          class_names=adapter.class_names, origin=origin, dtype=dtype)
+
+
+def _gopt_segmenter(segmenter: Any, what: str, path: str | os.PathLike) -> GoptSegmenter:
+    """``segmenter`` if it holds GoPT adapters; else an :class:`AdapterError` naming the baseline
+    (a ``TypeError`` for what is no segmenter at all)."""
+    if isinstance(segmenter, GoptSegmenter):
+        return segmenter
+    if not isinstance(segmenter, PromptedSegmenter):
+        raise TypeError(f"{what} needs a GoptSegmenter (see apply_gopt), got {type(segmenter).__name__}")
+    variant = getattr(segmenter.config, "variant", None)
+    kind = f"the {variant!r} baseline" if variant else f"a {type(segmenter).__name__}"
+    raise AdapterError(f"{path}: {what} handles GoPT adapter files only, and this segmenter is {kind}; keep its "
+                       "weights with torch.save(segmenter.state_dict(), path) and segmenter.load_state_dict()")
+
+
+def save_adapter(segmenter: GoptSegmenter, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 adapter_name: str | None = None) -> Path:
+    """Writes one adapter (the active one by default) to a single ``.safetensors`` file.
+
+    Raises :class:`AdapterError` for a baseline's segmenter (its weights are not a GoPT adapter).
     """
-    if "backbone" not in segmenter._modules:
-        raise ValueError("GoPT was already removed from this segmenter")
-    model = segmenter.backbone
-    unwrap_blocks(model)
-    original = segmenter._original
-    for name, param in model.named_parameters():
-        param.requires_grad_(original["requires_grad"][name])
-    if original["grad_checkpointing"] is not None:
-        model.grad_checkpointing = original["grad_checkpointing"]
-    for name, module in model.named_modules():
-        module.training = original["training"][name]
-    del segmenter._modules["backbone"]
-    return model
+    segmenter = _gopt_segmenter(segmenter, "save_adapter", path)
+    adapter = segmenter.get_adapter(adapter_name)
+    data = adapter_bytes(adapter, segmenter.backbone_fingerprint(), dtype, backbone_origin(segmenter.backbone))
+    atomic_write_bytes(path, data)
+    return Path(path)
 
 
-__all__ = ["GoptSegmenter", "apply_gopt", "remove_gopt", "PromptedBlock"]
+def load_adapter(segmenter: GoptSegmenter, path: str | os.PathLike, adapter_name: str | None = None,
+                 allow_backbone_mismatch: bool = False) -> None:
+    """Loads a file's weights and preprocessing into an existing adapter (the active one by default).
+
+    Everything is checked before the first weight is copied; on any failure the segmenter is
+    left exactly as it was. The file's config must equal the adapter's; to load an adapter of
+    another config as a new task, use ``segmenter.add_adapter(name, path)``. Raises
+    :class:`AdapterError` for a baseline's segmenter.
+    """
+    segmenter = _gopt_segmenter(segmenter, "load_adapter", path)
+    adapter = segmenter.get_adapter(adapter_name)
+    file = read_adapter_file(path)
+    check_backbone(file, segmenter.backbone_fingerprint(), allow_backbone_mismatch)
+    if file.config != adapter.config:
+        diffs = [
+            f"{key}={value!r} (adapter has {getattr(adapter.config, key)!r})"
+            for key, value in file.config.to_dict().items()
+            if getattr(adapter.config, key) != value
+        ]
+        raise AdapterError(
+            f"{file.path}: adapter config differs: {', '.join(diffs)}; "
+            "use segmenter.add_adapter(name, path) to load it as another task"
+        )
+    _load_checked(adapter, file)
+
+
+@torch.no_grad()
+def _load_checked(adapter: GoptAdapter, file: AdapterFile) -> None:
+    """Checks that the file's tensors fit, then copies them (cast to the adapter's dtype) in place.
+
+    A direct copy into the live tensors: ``load_state_dict`` walks every submodule and costs
+    more than the rest of a swap together.
+    """
+    state = adapter.state_dict(keep_vars=True)
+    check_tensors(file, state)
+    targets = list(state.values())
+    sources = [file.tensors[name].to(target.device) for name, target in state.items()]  # no-op on the CPU
+    torch._foreach_copy_(targets, sources)  # one call for every tensor; casts dtypes
+    adapter.preprocessing = file.preprocessing
+    adapter.class_names = file.class_names
+
+
+__all__ = ["GoptSegmenter", "apply_gopt", "load_adapter", "remove_gopt", "save_adapter", "PromptedBlock"]

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .adapter_io import AdapterFile, read_adapter_file
-from .datasets.base import AUX_NORMALIZATIONS, check_same_size, files_by_stem, read_image, scale_to_unit
+from .datasets.base import check_same_size, files_by_stem, read_image
 from .model import GoptSegmenter
 from .preprocessing import check_aux_channels
+from .scaling import AUX_NORMALIZATIONS, scale_to_unit
 from .transforms import NormalizeConfig
 from .visualize import class_palette, colorize_aux, make_panel
 

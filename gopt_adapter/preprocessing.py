@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from .datasets.base import AUX_NORMALIZATIONS
+from .scaling import AUX_NORMALIZATIONS
 from .transforms import Normalize, NormalizeConfig
 
 __all__ = ["Preprocessing", "check_aux_channels", "dataset_preprocessing"]

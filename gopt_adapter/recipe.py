@@ -33,7 +33,6 @@ import timm
 import torch
 
 from .adapter import GoptAdapter
-from .adapter_io import save_adapter
 from .backbone import BackboneSpec, create_backbone
 from .baselines import VARIANTS, build_variant
 from .datasets import DATASETS, get_dataset
@@ -49,6 +48,7 @@ from .engine import (
     trainable_state_dict,
 )
 from .files import atomic_write_bytes, write_tensors
+from .model import save_adapter
 from .parameters import count_parameters
 from .preprocessing import dataset_preprocessing
 from .transforms import NormalizeConfig, TrainTransformConfig, build_transforms, default_train_config

@@ -495,12 +495,12 @@ def test_backbone_never_touched_by_io(files, tmp_path):
 
 def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
     """A well-formed file whose tensors have a dtype we never write (float64, int32 counters)."""
-    from gopt_adapter.adapter_io import encode_adapter
+    from gopt_adapter.model import adapter_bytes
 
     segmenter = build(CONFIGS["default"], seed=0)
     before = snapshot(segmenter)
     segmenter.adapter.double()
-    data = encode_adapter(segmenter.adapter, segmenter.backbone_fingerprint())  # valid checksum, float64 tensors
+    data = adapter_bytes(segmenter.adapter, segmenter.backbone_fingerprint())  # valid checksum, float64 tensors
     segmenter.adapter.float()  # float32 -> float64 -> float32 is exact
     path = tmp_path / "f64.safetensors"
     path.write_bytes(data)
@@ -512,12 +512,12 @@ def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
 # ------------------------------------------------------------- files that fit badly
 def doctored_file(tmp_path, segmenter, doctor) -> Path:
     """A file written by the library's own encoder (valid checksum) from a doctored copy of the adapter."""
-    from gopt_adapter.adapter_io import encode_adapter
+    from gopt_adapter.model import adapter_bytes
 
     adapter = copy.deepcopy(segmenter.adapter)
     doctor(adapter)
     path = tmp_path / "doctored.safetensors"
-    path.write_bytes(encode_adapter(adapter, segmenter.backbone_fingerprint()))
+    path.write_bytes(adapter_bytes(adapter, segmenter.backbone_fingerprint()))
     read_adapter_file(path)  # the checksum holds: only the tensor check can refuse it
     return path
 
@@ -801,3 +801,28 @@ def test_class_names_and_timm_model_are_recorded_and_files_without_them_still_lo
             read_adapter_file(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="2 class names for an adapter of 3 classes"):
         segmenter.adapter.class_names = ["a", "b"]
+
+
+def test_the_file_format_round_trips_contents_without_any_model(tmp_path):
+    """adapter_io alone: plain tensors, a config and metadata -> bytes -> the same contents,
+    no adapter or segmenter built; what it cannot store is refused before any byte is made."""
+    from gopt_adapter import GoptConfig, Preprocessing
+
+    config = GoptConfig(aux_channels=2, num_classes=3, hidden_dim=8)
+    tensors = {"a.weight": torch.randn(4, 2), "b.count": torch.arange(3)}
+    backbone = {"class_name": "VisionTransformer", "embed_dim": 32, "weights_sha256": "ab" * 32}
+    preprocessing = Preprocessing("fixed", 10000.0, NormalizeConfig(aux_mean=(0.5, 0.25), aux_std=(0.5, 0.5)))
+    origin = {"name": "vit_tiny_patch16_224", "kwargs": {"depth": 2}}
+    path = tmp_path / "plain.safetensors"
+    path.write_bytes(adapter_io.encode_adapter(config, tensors, backbone, preprocessing=preprocessing,
+                                               class_names=["x", "y", "z"], origin=origin, dtype=torch.float16))
+    file = read_adapter_file(path)
+    assert (file.config, file.backbone, file.preprocessing) == (config, backbone, preprocessing)
+    assert (file.class_names, file.backbone_name, file.backbone_kwargs) == (("x", "y", "z"), *origin.values())
+    assert file.tensors["a.weight"].dtype == torch.float16 and file.tensors["b.count"].dtype == torch.int64
+    assert torch.equal(file.tensors["a.weight"], tensors["a.weight"].half())
+    assert torch.equal(file.tensors["b.count"], tensors["b.count"])
+    with pytest.raises(ValueError, match="2 class names for an adapter of 3 classes"):
+        adapter_io.encode_adapter(config, tensors, backbone, class_names=["x", "y"])
+    with pytest.raises(TypeError, match="GoptConfig"):
+        adapter_io.encode_adapter(object(), tensors, backbone)

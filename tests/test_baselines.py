@@ -296,10 +296,23 @@ def test_lora_without_peft_names_the_extra(monkeypatch):
 
 
 def test_baselines_refuse_the_gopt_adapter_file_format(tmp_path):
+    """save_adapter / load_adapter on a baseline raise AdapterError naming the variant, and write
+    nothing; a baseline has none of GoptSegmenter's adapter-file or multi-adapter methods."""
+    from gopt_adapter import AdapterError, GoptSegmenter, load_adapter, save_adapter
+
+    gopt = build("gopt")
+    save_adapter(gopt, tmp_path / "gopt.safetensors")
     segmenter = build("vpt_shallow")
-    assert isinstance(segmenter, BaselineSegmenter)
-    with pytest.raises(NotImplementedError, match="torch.save"):
-        segmenter.save_pretrained(tmp_path)
+    assert isinstance(segmenter, BaselineSegmenter) and not isinstance(segmenter, GoptSegmenter)
+    before = snapshot(segmenter)
+    with pytest.raises(AdapterError, match="'vpt_shallow' baseline.*torch.save"):
+        save_adapter(segmenter, tmp_path / "vpt.safetensors")
+    with pytest.raises(AdapterError, match="load_adapter .*'vpt_shallow' baseline"):
+        load_adapter(segmenter, tmp_path / "gopt.safetensors")
+    assert not (tmp_path / "vpt.safetensors").exists()
+    assert_bitwise_equal(before, snapshot(segmenter))
+    for method in ("save_pretrained", "from_pretrained", "add_adapter", "set_adapter", "forward_mixed"):
+        assert not hasattr(segmenter, method), method
 
 
 def test_gopt_aux_dropout_costs_one_width_r_token_more_than_gopt_on_vit_b():

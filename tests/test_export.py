@@ -50,7 +50,7 @@ def test_onnxruntime_matches_pytorch(tmp_path, family, options, size, dynamic, s
 
 def test_export_refuses_bad_requests_before_tracing(tmp_path):
     segmenter = trained("vit")
-    with pytest.raises(TypeError, match="GoptSegmenter"):
+    with pytest.raises(TypeError, match="export_onnx needs a segmenter"):
         export_onnx(segmenter.backbone, tmp_path / "m.onnx", (32, 32))
     for size in [(32,), (0, 32), (32.0, 32), "32x32"]:
         with pytest.raises(ValueError, match="two positive integers"):

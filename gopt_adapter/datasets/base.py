@@ -32,13 +32,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence, get_args
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tifffile
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from ..scaling import AUX_NORMALIZATIONS, AuxNormalization, dtype_max, scale_to_unit  # re-exported for the readers
 
 __all__ = [
     "IGNORE_INDEX",
@@ -71,15 +73,6 @@ logger = logging.getLogger(__name__)
 
 #: The label value every reader uses for "not annotated / not evaluated".
 IGNORE_INDEX = 255
-
-#: How an auxiliary modality (depth, thermal, SAR) is mapped to [0, 1]:
-#: ``"fixed"`` divides by a fixed maximum (the dtype's maximum unless the reader states
-#: another, e.g. 10 m for millimetre depth) and clips to [0, 1], so values stay comparable
-#: across images; ``"per_image"`` min-max scales each image to [0, 1] (a constant image
-#: becomes all zeros).
-AuxNormalization = Literal["fixed", "per_image"]
-#: The values of :data:`AuxNormalization`, for validating options (``check_choice``).
-AUX_NORMALIZATIONS: tuple[str, ...] = get_args(AuxNormalization)
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -225,39 +218,6 @@ def check_same_size(items: Sequence[tuple[np.ndarray, Path]]) -> tuple[int, int]
         listing = "; ".join(f"{p}: {a.shape[0]}x{a.shape[1]}" for a, p in items)
         raise ValueError(f"modalities of one sample differ in size (HxW): {listing}")
     return sizes.pop()
-
-
-def dtype_max(arr: np.ndarray, path: Path) -> float:
-    """The maximum of an integer dtype (255 for uint8, 65535 for uint16, ...)."""
-    if arr.dtype.kind not in "ui":
-        raise ValueError(
-            f"{path}: 'fixed' normalisation by dtype needs an integer image, found "
-            f"{arr.dtype.name}; use 'per_image' normalisation for float data"
-        )
-    return float(np.iinfo(arr.dtype).max)
-
-
-def scale_to_unit(
-    arr: np.ndarray, mode: AuxNormalization, max_value: float | None, path: Path
-) -> np.ndarray:
-    """Map an image to float32 in [0, 1] following ``mode`` (see :data:`AuxNormalization`).
-
-    ``max_value`` is the divisor for ``"fixed"``; ``None`` means the dtype's maximum.
-    """
-    if mode == "fixed":
-        divisor = dtype_max(arr, path) if max_value is None else float(max_value)
-        out = arr.astype(np.float32) / np.float32(divisor)
-        return np.clip(out, 0.0, 1.0, out=out)
-    if mode == "per_image":
-        out = arr.astype(np.float32)
-        finite = np.isfinite(out)
-        if not finite.all():
-            out[~finite] = 0.0
-        lo, hi = float(out.min()), float(out.max())
-        if hi <= lo:
-            return np.zeros_like(out)
-        return (out - np.float32(lo)) / np.float32(hi - lo)
-    raise ValueError(f"unknown normalisation {mode!r}; choose one of {AUX_NORMALIZATIONS}")
 
 
 def read_aux_image(
