@@ -124,7 +124,7 @@ def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
     assert adapter.preprocessing is not None and adapter.preprocessing.to_dict() == record["preprocessing"]
 
 
-@pytest.mark.parametrize("variant", ["vpt_shallow", "fft"])
+@pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early"])
 def test_baseline_run_keeps_its_trained_tensors(tmp_path, variant):
     """Baselines have no adapter file: their trainable tensors go to trained.safetensors."""
     out = tmp_path / variant
