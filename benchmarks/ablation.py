@@ -42,7 +42,7 @@ from .suite import TABLES
 # Table 4 rows in the paper's order (GoPT with eq. 12 as printed beside ours), then the
 # baseline it does not have, then the Fig. 6
 # interval sweep on a 4-block backbone (gopt = interval 1, gopt_shallow = interval 4).
-TABLE4 = ("foundation", "fft", "vpt_shallow", "vpt_deep", "gopt_shallow", "gopt", "gopt_rgb_query", "gopt_no_acp",
+TABLE4 = ("foundation", "fft", "fft_early", "vpt_shallow", "vpt_deep", "gopt_shallow", "gopt", "gopt_rgb_query", "gopt_no_acp",
           "gopt_no_cup", "lora")
 EXTRA = ("gopt_soft", "gopt_i2")
 WORLDS = ("depth", "thermal")
@@ -57,7 +57,7 @@ _FROZEN = TrainConfig(epochs=16, batch_size=16, lr=3e-3, weight_decay=0.01, warm
 class AblationConfig:
     """What the ablation trains: worlds, seeds, variants and the two training regimes.
 
-    Backbones that train (``foundation``, ``fft``) fine-tune a pretrained model and get a
+    Backbones that train (``foundation``, ``fft``, ``fft_early``) fine-tune a pretrained model and get a
     lower learning rate than the frozen-backbone variants, whose prompters and head start
     from scratch; every variant sees the same data, steps and schedule otherwise.
     """
@@ -209,7 +209,7 @@ def setup(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, 
         f"demo's path, then each row trains from it. Data: {config.demo.train_length} training and "
         f"{config.demo.val_length} validation scenes at {config.demo.size}x{config.demo.size}. "
         f"Frozen-backbone rows: {config.frozen.epochs} epochs, batch {config.frozen.batch_size}, AdamW, "
-        f"LR {config.frozen.lr:g}, polynomial decay; fine-tuned rows (Foundation, FFT): the same with LR "
+        f"LR {config.frozen.lr:g}, polynomial decay; fine-tuned rows (Foundation, FFT, FFT-early): the same with LR "
         f"{config.full.lr:g}. Seeds {list(config.seeds)}; cells are mean ± standard deviation of mIoU in percent. "
         "\"aux\" is the mIoU over the classes that share their colour with another class and differ only "
         "in the auxiliary channel. Best mIoU reachable from RGB alone, by construction: "

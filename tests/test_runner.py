@@ -268,7 +268,13 @@ def test_suite_puts_our_runs_beside_the_papers_numbers(tmp_path):
     text = suite.render(suite.collect(tmp_path))
     table4 = table_section(text, "Table 4: variants and ablations")
     assert "| nyudv2 PAcc (40 classes) |" in table4
-    assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in row(table4, "GoPT")
+    assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in row(
+        table4, "GoPT (ACP query ours: RGB + aux token)")
+    assert row(table4, "GoPT (ACP query as printed: RGB token)").startswith("| GoPT (ACP query as printed: RGB token) | - |")
+    assert text.startswith(suite.QUERY_NOTE) and "`gopt_rgb_query`" in suite.QUERY_NOTE
+    assert row(table4, "FFT (two streams, CEN exchange)").endswith("| - (78.5) | - (65.4) | - (53.1) | - (74.9) | "
+                                                                   "- (56.3) | - (70.8) | - (68.3) | - (58.9) |")
+    assert row(table4, "FFT-early (one stream, not in paper)").endswith("| - | - |")
     assert "Fig. 6" not in text and "Fig. 7" not in text  # no such runs
 
 
