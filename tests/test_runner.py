@@ -48,6 +48,7 @@ def cli(*args, env=None, **kwargs):
         (["--dataset", "synthetic", "--set", "transforms.normalize=[0.5]"], "normalize must be an object"),
         (["--dataset", "synthetic", "--set", 'transforms.normalize={"aux_mean": [0.1, 0.2]}'],
          "aux has 1 channels but aux_mean/aux_std have 2/1 values"),
+        (["--dataset", "synthetic", "--set", 'transforms.augment="no"'], "augment must be true or false"),
         (["--dataset", "synthetic", "--set", "train=5"], "setting train must be a JSON object"),
         (["--dataset", "synthetic", "--set", "train.epochs.x=1"], "'epochs' is 4, not a group of settings"),
         (["--dataset", "synthetic", "--set", "out=5"], "setting out must be a string"),
@@ -379,3 +380,19 @@ def test_runner_on_tiny_copies_of_each_layout(dataset, tmp_path):
     record = json.loads((out / "results.json").read_text())
     assert record["config"]["dataset"] == dataset and 0 <= record["metrics"]["miou"] <= 1
     assert (out / "adapter.safetensors").exists()
+
+
+def test_the_configs_augment_and_one_setting_turns_it_off():
+    """Every packaged config states the augmentation reading (on: crop and flip are standard);
+    ``--set transforms.augment=false`` leaves only the centred crop."""
+    from gopt_adapter import recipe
+    from gopt_adapter.transforms import build_transforms
+
+    for path in sorted(recipe.config_path("synthetic").parent.glob("*.json")):
+        assert read_json(path)["transforms"]["augment"] is True, path.name
+    for setting, expected in (([], ["RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize"]),
+                              (["--set", "transforms.augment=false"], ["CenterCrop", "Normalize"])):
+        config = recipe.load_run_config(recipe.parse_args(["--dataset", "synthetic", *setting]))
+        transforms = recipe.build_transform_config(config)
+        assert transforms.crop_size == (64, 64)
+        assert [type(t).__name__ for t in build_transforms("synthetic", True, transforms).transforms] == expected
