@@ -1,7 +1,9 @@
-"""Two token streams through one ViT, after channel-exchanging networks (CEN, Wang et al. 2020).
+"""Two token streams through one ViT, after channel-exchanging networks (CEN, Wang et al. 2022c).
 
 The paper's FFT baseline is "extended from the foundation model by adding auxiliary modal
-branches", citing CEN. CEN runs one network per modality with *shared* convolution weights and
+branches", its structure "inspired by" Wang et al. 2022c: "Channel exchanging networks for
+multimodal and multitask dense image prediction" (TPAMI; the journal version of CEN,
+NeurIPS 2020). CEN runs one network per modality with *shared* convolution weights and
 *private* BatchNorms, and after a BatchNorm replaces the channels whose scaling factor
 ``|gamma|`` is small by the other modality's output; an L1 penalty on a share of the gammas
 (disjoint shares per modality) makes some of them small. These are the pieces of that design
