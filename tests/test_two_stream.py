@@ -191,3 +191,17 @@ def test_the_documented_counts_of_both_ffts_on_vit_b():
     assert counts["fft"].trainable == counts["foundation"].trainable + 25 * 2 * 768 + aux_embed + 768
     assert counts["fft_early"].trainable == counts["foundation"].trainable + aux_embed
     assert re.search(r"\| `fft` \| Table 4 FFT \|", (DOCS / "benchmarks.md").read_text())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    rgb, aux = family_inputs("vit")
+    grads = []
+    for checkpointing in (False, True):
+        segmenter = build_fft(make_backbone("vit"), 1, CLASSES, exchange_threshold=1.5).train()  # gains of 1: all exchange
+        segmenter.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(0)
+        segmenter(rgb, aux).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in segmenter.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
