@@ -52,10 +52,12 @@ from .model import DEFAULT_ADAPTER, GoptSegmenter, apply_gopt, check_unwrapped
 from .prompter import AuxPatchEmbed
 from .two_stream import (
     EXCHANGE_L1,
+    EXCHANGE_RATIO,
     EXCHANGE_THRESHOLD,
     ModalityLayerNorm,
     StreamFusion,
     aux_patch_embedding,
+    check_exchange_settings,
     check_two_stream_model,
     split_norms,
     two_stream_features,
@@ -368,24 +370,24 @@ def build_foundation(model: nn.Module, num_classes: int, head: str = "setr_naive
 
 def build_fft(model: nn.Module, aux_channels: int, num_classes: int, head: str = "setr_naive", *,
               head_channels: int = 256, exchange_threshold: float = EXCHANGE_THRESHOLD,
-              exchange_l1: float = EXCHANGE_L1) -> TwoStreamSegmenter:
+              exchange_ratio: float = EXCHANGE_RATIO, exchange_l1: float = EXCHANGE_L1) -> TwoStreamSegmenter:
     """Table 4 "FFT", "extended from the foundation model by adding auxiliary modal branches"
     after CEN: see :class:`TwoStreamSegmenter` and :mod:`gopt_adapter.two_stream`.
 
     Everything trains: the shared blocks, both streams' LayerNorms, the aux patch embedding,
-    the fusion and the head. ``exchange_threshold`` (``>= 0``; 0 never exchanges) and
-    ``exchange_l1`` (``>= 0``) are CEN's two settings. ``model`` must be a timm
+    the fusion and the head. ``exchange_threshold`` (``>= 0``) and ``exchange_l1`` (``>= 0``) are
+    CEN's two settings; ``exchange_ratio`` (``[0, 1)``) the share of each stream's channels
+    exchanged at every LayerNorm whatever their gains (ours; both 0: no exchange, see
+    :class:`~gopt_adapter.two_stream.ModalityLayerNorm`). ``model`` must be a timm
     ``VisionTransformer`` (``TypeError`` otherwise; ``fft_early`` runs on every family).
     """
     config = BaselineConfig("fft", aux_channels, num_classes, head, head_channels)
-    for name, value in (("exchange_threshold", exchange_threshold), ("exchange_l1", exchange_l1)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    check_exchange_settings(exchange_threshold, exchange_ratio, exchange_l1)
     check_unwrapped(model)
     spec = BackboneSpec.from_model(model)
     check_two_stream_model(model)
     adapter = TwoStreamAdapter(config, spec, aux_patch_embedding(model.patch_embed, aux_channels))
-    split_norms(model, exchange_threshold)
+    split_norms(model, exchange_threshold, exchange_ratio)
     return TwoStreamSegmenter(model, spec, adapter, exchange_l1)
 
 

@@ -29,9 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Default exchange threshold on ``|gamma|`` and L1 weight (our choices, see docs/method.md).
+#: Defaults (our choices, see docs/method.md): CEN's threshold on ``|gamma|``, the share of
+#: each stream's channels exchanged whatever their gains, and the L1 weight.
 EXCHANGE_THRESHOLD = 2e-2
+EXCHANGE_RATIO = 0.1
 EXCHANGE_L1 = 1e-4
+
+
+def check_exchange_settings(threshold: float, ratio: float, l1: float = 0.0) -> None:
+    """``ValueError`` unless ``threshold >= 0``, ``0 <= ratio < 1`` and ``l1 >= 0`` (numbers, not bools)."""
+    for name, value, high in (("exchange_threshold", threshold, None), ("exchange_ratio", ratio, 1.0),
+                              ("exchange_l1", l1, None)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                or (high is not None and not value < high):
+            bound = f"in [0, {high:g})" if high is not None else ">= 0"
+            raise ValueError(f"{name} must be a number {bound}, got {value!r}")
 
 
 def check_two_stream_model(model: nn.Module) -> None:
@@ -56,23 +68,24 @@ class ModalityLayerNorm(nn.LayerNorm):
     (the backbone's own), aux rows the private ``aux_weight``/``aux_bias``.
 
     Exchange (CEN's, on a LayerNorm's output instead of a BatchNorm's): channel ``c`` of the RGB
-    output is replaced by the aux output's channel ``c`` when ``c`` is in the RGB share and
-    ``|weight[c]| < threshold``; channel ``c`` of the aux output by the RGB output's when ``c``
-    is in the aux share and ``|aux_weight[c]| < threshold``. The shares are disjoint halves of
-    the channels (RGB the first ``D // 2``), as CEN's sparsity constraint is. ``threshold=0``
-    never exchanges.
+    output is replaced by the aux output's channel ``c`` when ``c`` is in the RGB share and its
+    gain ``|weight[c]|`` is below ``threshold`` (CEN's rule) or among the ``floor(ratio * n)``
+    smallest of the share's ``n`` gains (ours, ties by channel index); likewise for the aux
+    output, the aux share and ``aux_weight``. The shares are disjoint halves of the channels
+    (RGB the first ``D // 2``), as CEN's sparsity constraint is. ``threshold=0`` and
+    ``ratio=0`` never exchange.
     """
 
-    def __init__(self, norm: nn.LayerNorm, threshold: float = EXCHANGE_THRESHOLD) -> None:
+    def __init__(self, norm: nn.LayerNorm, threshold: float = EXCHANGE_THRESHOLD,
+                 ratio: float = EXCHANGE_RATIO) -> None:
         if not norm.elementwise_affine or norm.weight is None or norm.bias is None:
             raise TypeError("ModalityLayerNorm copies an affine LayerNorm with a bias")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-            raise ValueError(f"exchange threshold must be a number >= 0, got {threshold!r}")
+        check_exchange_settings(threshold, ratio)
         super().__init__(norm.normalized_shape, eps=norm.eps, device="meta")
         self.weight, self.bias = norm.weight, norm.bias  # the RGB stream keeps the backbone's tensors
         self.aux_weight = nn.Parameter(norm.weight.detach().clone())  # initialised from the RGB norm
         self.aux_bias = nn.Parameter(norm.bias.detach().clone())
-        self.threshold = float(threshold)
+        self.threshold, self.ratio = float(threshold), float(ratio)
 
     @property
     def rgb_share(self) -> torch.Tensor:
@@ -80,11 +93,21 @@ class ModalityLayerNorm(nn.LayerNorm):
         channels = self.weight.shape[-1]
         return torch.arange(channels, device=self.weight.device) < channels // 2
 
+    def _share_mask(self, gains: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """Bool ``[D]``: the channels of ``share`` whose gain is below the threshold or among the smallest."""
+        gains = gains.detach().abs()
+        mask = share & (gains < self.threshold)
+        index = share.nonzero().flatten()  # [n]
+        count = int(self.ratio * index.numel())
+        if count:
+            smallest = index[torch.sort(gains[index], stable=True).indices[:count]]
+            mask = mask.index_fill(0, smallest, True)
+        return mask
+
     def exchange_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rgb_takes_aux, aux_takes_rgb)``, bool ``[D]``: the channels each stream takes from the other."""
-        rgb = self.rgb_share & (self.weight.detach().abs() < self.threshold)
-        aux = ~self.rgb_share & (self.aux_weight.detach().abs() < self.threshold)
-        return rgb, aux
+        share = self.rgb_share
+        return self._share_mask(self.weight, share), self._share_mask(self.aux_weight, ~share)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] % 2:
@@ -92,7 +115,7 @@ class ModalityLayerNorm(nn.LayerNorm):
         rgb, aux = x.chunk(2)  # [B, ..., D] each
         rgb = F.layer_norm(rgb, self.normalized_shape, self.weight, self.bias, self.eps)
         aux = F.layer_norm(aux, self.normalized_shape, self.aux_weight, self.aux_bias, self.eps)
-        if self.threshold > 0:
+        if self.threshold > 0 or self.ratio > 0:
             rgb_takes, aux_takes = self.exchange_masks()
             rgb, aux = torch.where(rgb_takes, aux, rgb), torch.where(aux_takes, rgb, aux)
         return torch.cat([rgb, aux])  # [2B, ..., D]
@@ -103,15 +126,16 @@ class ModalityLayerNorm(nn.LayerNorm):
         return (self.weight.abs() * share).sum() + (self.aux_weight.abs() * (1 - share)).sum()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, threshold={self.threshold:g}"
+        return f"{super().extra_repr()}, threshold={self.threshold:g}, ratio={self.ratio:g}"
 
 
-def split_norms(model: nn.Module, threshold: float = EXCHANGE_THRESHOLD) -> list[ModalityLayerNorm]:
+def split_norms(model: nn.Module, threshold: float = EXCHANGE_THRESHOLD,
+                ratio: float = EXCHANGE_RATIO) -> list[ModalityLayerNorm]:
     """Replaces every ``nn.LayerNorm`` in ``model.blocks`` and ``model.norm`` by a
     :class:`ModalityLayerNorm` holding the same RGB tensors; returns them in model order."""
     targets = [(model.blocks, name) for name, module in model.blocks.named_modules() if isinstance(module, nn.LayerNorm)]
     targets.append((model, "norm"))
-    norms = [ModalityLayerNorm(root.get_submodule(name), threshold) for root, name in targets]  # all checked first
+    norms = [ModalityLayerNorm(root.get_submodule(name), threshold, ratio) for root, name in targets]  # all checked first
     for (root, name), norm in zip(targets, norms):
         parent, _, attr = name.rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, attr, norm)
@@ -175,10 +199,12 @@ def two_stream_features(model: nn.Module, aux_embed: nn.Module, rgb: torch.Tenso
 
 __all__ = [
     "EXCHANGE_L1",
+    "EXCHANGE_RATIO",
     "EXCHANGE_THRESHOLD",
     "ModalityLayerNorm",
     "StreamFusion",
     "aux_patch_embedding",
+    "check_exchange_settings",
     "check_two_stream_model",
     "split_norms",
     "two_stream_features",

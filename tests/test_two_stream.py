@@ -33,9 +33,10 @@ def reference_features(model, rgb):
     return model.forward_intermediates(rgb, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[-1]
 
 
-def exchanged_model(threshold, family="vit", aux_channels=1):
+def exchanged_model(threshold, ratio=0.0, family="vit", aux_channels=1):
     """An FFT on ``family`` whose block-1 norm1 and final norm have gains under 0.1 on chosen channels."""
-    segmenter = build_fft(make_backbone(family), aux_channels, CLASSES, exchange_threshold=threshold).eval()
+    segmenter = build_fft(make_backbone(family), aux_channels, CLASSES, exchange_threshold=threshold,
+                          exchange_ratio=ratio).eval()
     with torch.no_grad():
         for norm in (segmenter.backbone.blocks[1].block.norm1, segmenter.backbone.norm):
             norm.weight[[0, 3, 20]] = 0.05  # 0, 3: RGB share (exchanged); 20: aux share (never for RGB)
@@ -52,7 +53,7 @@ def test_at_init_without_exchange_the_streams_are_the_foundation_on_rgb_and_on_g
     with torch.no_grad():
         expected_rgb = reference_features(reference, rgb)
         expected_aux = reference_features(reference, aux[:, :1].expand(-1, 3, -1, -1))
-        segmenter = build_fft(make_backbone(family), 2, CLASSES, exchange_threshold=0).eval()
+        segmenter = build_fft(make_backbone(family), 2, CLASSES, exchange_threshold=0, exchange_ratio=0).eval()
         rgb_stream, aux_stream = segmenter.stream_features(rgb, aux)
         fused = segmenter.features(rgb, aux)
         logits = segmenter(rgb, aux)
@@ -62,14 +63,17 @@ def test_at_init_without_exchange_the_streams_are_the_foundation_on_rgb_and_on_g
     assert logits.shape == (rgb.shape[0], CLASSES, *rgb.shape[-2:])
 
 
-def test_the_exchange_moves_exactly_the_selected_channels_of_each_stream():
+@pytest.mark.parametrize("threshold, ratio", [(0.1, 0.0), (0.0, 2 / 16), (0.1, 2 / 16)])
+def test_the_exchange_moves_exactly_the_selected_channels_of_each_stream(threshold, ratio):
+    """CEN's threshold, our share of smallest gains (2 of each 16-channel share), or both."""
     rgb, aux = family_inputs("vit")
     with torch.no_grad():
         apart = exchanged_model(0.0)  # same weights, exchange off
-        exchanged = exchanged_model(0.1)
+        exchanged = exchanged_model(threshold, ratio)
         apart_rgb, apart_aux = apart.stream_features(rgb, aux)
-        # the final norm is the last layer: only its exchange shows, channel by channel
-        exchanged.backbone.blocks[1].block.norm1.threshold = 0.0
+        # the final norm is the last layer: with the others' exchange off, it shows channel by channel
+        for norm in exchanged.exchange_norms()[:-1]:
+            norm.threshold = norm.ratio = 0.0
         rgb_stream, aux_stream = exchanged.stream_features(rgb, aux)
     rgb_taken, aux_taken = [0, 3], [20, 30]
     torch.testing.assert_close(rgb_stream[:, rgb_taken], apart_aux[:, rgb_taken], rtol=0, atol=0)
@@ -89,7 +93,7 @@ def test_modality_layer_norm_against_a_written_out_layer_norm():
     with torch.no_grad():
         base.weight.copy_(torch.tensor([0.01, 1.0, 2.0, -0.01, 0.5, 0.01, 1.5, -2.0]))
         base.bias.normal_(generator=generator)
-    norm = ModalityLayerNorm(base, threshold=0.02)
+    norm = ModalityLayerNorm(base, threshold=0.02, ratio=0.0)
     with torch.no_grad():
         norm.aux_weight.copy_(torch.tensor([0.01, 1.0, 1.0, 1.0, 0.3, 0.01, -0.01, 1.0]))
     x = torch.randn(4, 3, 8, generator=generator)  # two streams of batch 2
@@ -106,6 +110,11 @@ def test_modality_layer_norm_against_a_written_out_layer_norm():
     assert norm.weight is base.weight  # the RGB stream keeps the backbone's tensor
     with pytest.raises(ValueError, match="two stacked streams"):
         norm(x[:3])
+    equal = ModalityLayerNorm(torch.nn.LayerNorm(8), threshold=0.0, ratio=0.5)  # all gains 1: ties by index
+    assert [m.nonzero().flatten().tolist() for m in equal.exchange_masks()] == [[0, 1], [4, 5]]
+    with torch.no_grad():
+        equal.weight[2] = 0.5  # now the smallest of the RGB share
+    assert equal.exchange_masks()[0].nonzero().flatten().tolist() == [0, 2]
 
 
 def test_gradients_reach_both_streams_norms_the_aux_embedding_and_the_fusion():
@@ -142,6 +151,9 @@ def test_inputs_and_models_are_checked_before_anything_changes():
     for bad in (-1.0, True, "0.1"):
         with pytest.raises(ValueError, match="exchange_threshold"):
             build_fft(model, 1, CLASSES, exchange_threshold=bad)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"exchange_ratio must be a number in \[0, 1\)"):
+            build_fft(model, 1, CLASSES, exchange_ratio=bad)
     with pytest.raises(ValueError, match="already has GoPT applied"):
         build_fft(segmenter.backbone, 1, CLASSES)
     assert_bitwise_equal(before, snapshot(model))
