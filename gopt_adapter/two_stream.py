@@ -93,21 +93,22 @@ class ModalityLayerNorm(nn.LayerNorm):
         channels = self.weight.shape[-1]
         return torch.arange(channels, device=self.weight.device) < channels // 2
 
-    def _share_mask(self, gains: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-        """Bool ``[D]``: the channels of ``share`` whose gain is below the threshold or among the smallest."""
-        gains = gains.detach().abs()
-        mask = share & (gains < self.threshold)
-        index = share.nonzero().flatten()  # [n]
-        count = int(self.ratio * index.numel())
+    def _share_mask(self, gains: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Bool ``[D]``: the channels ``start:stop`` whose gain is below the threshold or among the
+        smallest (static shapes: no data-dependent indexing, so it traces and compiles)."""
+        gains = gains.detach().abs()[start:stop]  # [n]
+        mask = torch.zeros(self.weight.shape, dtype=torch.bool, device=gains.device)  # [D]
+        mask[start:stop] = gains < self.threshold
+        count = int(self.ratio * (stop - start))
         if count:
-            smallest = index[torch.sort(gains[index], stable=True).indices[:count]]
-            mask = mask.index_fill(0, smallest, True)
+            mask = mask.index_fill(0, torch.sort(gains, stable=True).indices[:count] + start, True)
         return mask
 
     def exchange_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rgb_takes_aux, aux_takes_rgb)``, bool ``[D]``: the channels each stream takes from the other."""
-        share = self.rgb_share
-        return self._share_mask(self.weight, share), self._share_mask(self.aux_weight, ~share)
+        channels = self.weight.shape[-1]
+        half = channels // 2
+        return self._share_mask(self.weight, 0, half), self._share_mask(self.aux_weight, half, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] % 2:
