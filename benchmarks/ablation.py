@@ -142,7 +142,20 @@ def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights
     """Trains ``variant`` from the pretrained weights with ``seed``; writes and returns its record."""
     start = time.perf_counter()
     model, metrics, train, val = train_run(config, world, variant, seed, weights, Path(result).with_suffix(""))
-    return finish_run(result, world, variant, seed, model, train, start, **miou_record(metrics, val))
+    return finish_run(result, world, variant, seed, model, train, start, **miou_record(metrics, val),
+                      **exchange_record(model))
+
+
+def exchange_record(model) -> dict[str, Any]:
+    """For the two-stream FFT, the channels each stream takes from the other after training,
+    summed over its LayerNorms, of all their channels; nothing for other variants."""
+    if not hasattr(model, "exchange_norms"):
+        return {}
+    norms = model.exchange_norms()
+    masks = [norm.exchange_masks() for norm in norms]
+    return {"exchanged_channels": {"rgb": sum(int(rgb.sum()) for rgb, _ in masks),
+                                   "aux": sum(int(aux.sum()) for _, aux in masks),
+                                   "of": sum(norm.weight.numel() for norm in norms), "layer_norms": len(norms)}}
 
 
 def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]] = run_one,
@@ -250,6 +263,13 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
         theirs = [paper.get(variant, {}).get(PAPER_COLUMNS[w]) for w in config.worlds]
         lines.append(f"| {labels.get(variant, variant)} | {params(variant)} | " + " | ".join(ours) + " | "
                      + " | ".join("-" if v is None else f"{v:.1f}" for v in theirs) + " |")
+    exchanged = [r for r in records if "exchanged_channels" in r]
+    if exchanged:
+        counts = "; ".join(f"{r['world']} seed {r['seed']}: RGB {r['exchanged_channels']['rgb']}, aux "
+                           f"{r['exchanged_channels']['aux']}" for r in exchanged)
+        first = exchanged[0]["exchanged_channels"]
+        lines += ["", f"Two-stream FFT after training: channels each stream takes from the other, summed over its "
+                  f"{first['layer_norms']} LayerNorms of {first['of']:,} channels per stream ({counts})."]
     sweep = [v for v in ("gopt", "gopt_i2", "gopt_shallow") if v in config.variants]
     lines += ["", "### Fig. 6 layout: interval between prompters (4-block backbone)", "",
               f"| interval | Params ({' / '.join(config.worlds)}) | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",

@@ -26,6 +26,11 @@ def test_ablation_runs_reports_and_resumes(tmp_path, capsys):
     assert "| soft |" in text and "## Fig. 6" in text
     fft = next(line for line in text.splitlines() if line.startswith("| FFT (two streams, CEN exchange) |"))
     assert "| 53.1 |" in fft  # the paper's NYUDv2 mIoU for FFT
+    # demo backbone: width 96, 4 blocks: 9 LayerNorms, 4 of each 48-channel share exchanged (exchange_ratio 0.1)
+    exchanged = next(r for r in runs if r["variant"] == "fft")["exchanged_channels"]
+    assert exchanged["rgb"] >= 36 and exchanged["aux"] >= 36 and exchanged["of"] == 9 * 96
+    assert "summed over its 9 LayerNorms of 864 channels per stream (depth seed 0: RGB " in text
+    assert all("exchanged_channels" not in r for r in runs if r["variant"] != "fft")
     assert any(line.startswith("| FFT-early (one stream, not in paper) |") for line in text.splitlines())
 
     capsys.readouterr()
