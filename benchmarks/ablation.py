@@ -45,7 +45,7 @@ from .suite import TABLES
 # Table 4 rows in the paper's order (GoPT with eq. 12 as printed beside ours), then the
 # baseline it does not have, then the Fig. 6
 # interval sweep on a 4-block backbone (gopt = interval 1, gopt_shallow = interval 4).
-TABLE4 = ("foundation", "fft", "vpt_shallow", "vpt_deep", "gopt_shallow", "gopt", "gopt_rgb_query", "gopt_no_acp",
+TABLE4 = ("foundation", "fft", "fft_early", "vpt_shallow", "vpt_deep", "gopt_shallow", "gopt", "gopt_rgb_query", "gopt_no_acp",
           "gopt_no_cup", "lora")
 EXTRA = ("gopt_soft", "gopt_i2")
 WORLDS = ("depth", "thermal")
@@ -60,7 +60,7 @@ _FROZEN = TrainConfig(epochs=16, batch_size=16, lr=3e-3, weight_decay=0.01, warm
 class AblationConfig:
     """What the ablation trains: worlds, seeds, variants and the two training regimes.
 
-    Backbones that train (``foundation``, ``fft``) fine-tune a pretrained model and get a
+    Backbones that train (``foundation``, ``fft``, ``fft_early``) fine-tune a pretrained model and get a
     lower learning rate than the frozen-backbone variants, whose prompters and head start
     from scratch; every variant sees the same data, steps and schedule otherwise.
     """
@@ -149,7 +149,20 @@ def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights
     """Trains ``variant`` from the pretrained weights with ``seed``; writes and returns its record."""
     start = time.perf_counter()
     model, metrics, train, val = train_run(config, world, variant, seed, weights, Path(result).with_suffix(""))
-    return finish_run(result, world, variant, seed, model, train, start, **miou_record(metrics, val))
+    return finish_run(result, world, variant, seed, model, train, start, **miou_record(metrics, val),
+                      **exchange_record(model))
+
+
+def exchange_record(model) -> dict[str, Any]:
+    """For the two-stream FFT, the channels each stream takes from the other after training,
+    summed over its LayerNorms, of all their channels; nothing for other variants."""
+    if not hasattr(model, "exchange_norms"):
+        return {}
+    norms = model.exchange_norms()
+    masks = [norm.exchange_masks() for norm in norms]
+    return {"exchanged_channels": {"rgb": sum(int(rgb.sum()) for rgb, _ in masks),
+                                   "aux": sum(int(aux.sum()) for _, aux in masks),
+                                   "of": sum(norm.weight.numel() for norm in norms), "layer_norms": len(norms)}}
 
 
 def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]] = run_one,
@@ -221,7 +234,7 @@ def setup(config: AblationConfig, records: list[dict[str, Any]], wall_s: float, 
         f"includes the foundation's training (the scenes are the same for every seed). Data: {config.demo.train_length} training and "
         f"{config.demo.val_length} validation scenes at {config.demo.size}x{config.demo.size}. "
         f"Frozen-backbone rows: {config.frozen.epochs} epochs, batch {config.frozen.batch_size}, AdamW, "
-        f"LR {config.frozen.lr:g}, polynomial decay; fine-tuned rows (Foundation, FFT): the same with LR "
+        f"LR {config.frozen.lr:g}, polynomial decay; fine-tuned rows (Foundation, FFT, FFT-early): the same with LR "
         f"{config.full.lr:g}. Seeds {list(config.seeds)}; cells are mean ± standard deviation of mIoU in percent. "
         "\"aux\" is the mIoU over the classes that share their colour with another class and differ only "
         "in the auxiliary channel. Best mIoU reachable from RGB alone, by construction: "
@@ -262,6 +275,13 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
         theirs = [paper.get(variant, {}).get(PAPER_COLUMNS[w]) for w in config.worlds]
         lines.append(f"| {labels.get(variant, variant)} | {params(variant)} | " + " | ".join(ours) + " | "
                      + " | ".join("-" if v is None else f"{v:.1f}" for v in theirs) + " |")
+    exchanged = [r for r in records if "exchanged_channels" in r]
+    if exchanged:
+        counts = "; ".join(f"{r['world']} seed {r['seed']}: RGB {r['exchanged_channels']['rgb']}, aux "
+                           f"{r['exchanged_channels']['aux']}" for r in exchanged)
+        first = exchanged[0]["exchanged_channels"]
+        lines += ["", f"Two-stream FFT after training: channels each stream takes from the other, summed over its "
+                  f"{first['layer_norms']} LayerNorms of {first['of']:,} channels per stream ({counts})."]
     sweep = [v for v in ("gopt", "gopt_i2", "gopt_shallow") if v in config.variants]
     lines += ["", "### Fig. 6 layout: interval between prompters (4-block backbone)", "",
               f"| interval | Params ({' / '.join(config.worlds)}) | " + " | ".join(f"{w} mIoU | {w} aux" for w in config.worlds) + " |",

@@ -12,7 +12,7 @@ Parts, in this order, each under a time guard so the whole run ends within ``--b
 even when compilation is slow (what the budget leaves out is recorded as skipped):
 
 1. eager, bf16 autocast: training throughput (images/s) and ``torch.cuda.max_memory_allocated``
-   at batch 16 for gopt, gopt_shallow, vpt_shallow, vpt_deep, lora and fft; inference latency
+   at batch 16 for gopt, gopt_shallow, vpt_shallow, vpt_deep, lora and fft_early; inference latency
    at batch 1 and throughput at batch 32 for the lower bound (frozen backbone + head), gopt,
    vpt_deep and lora; ``load_adapter`` / ``set_adapter`` times on the device;
 2. the same measurements through ``torch.compile``, with compile times: first GoPT's
@@ -53,7 +53,7 @@ from gopt_adapter.files import atomic_write_bytes
 from .markdown import invocation, write_section
 from .perf import measure_swaps, median_time
 
-TRAIN_VARIANTS = ("gopt", "gopt_shallow", "vpt_shallow", "vpt_deep", "lora", "fft")
+TRAIN_VARIANTS = ("gopt", "gopt_shallow", "vpt_shallow", "vpt_deep", "lora", "fft_early")
 INFER_VARIANTS = ("lower_bound", "gopt", "vpt_deep", "lora")
 # compiled measurements in order of priority: GoPT's own ratio to the lower bound first
 COMPILED_FIRST = [("gopt", "infer"), ("lower_bound", "infer"), ("gopt", "train")]

@@ -48,7 +48,7 @@ from gopt_adapter.segmenter import PromptedSegmenter
 
 from .markdown import invocation, write_section
 
-VARIANTS = ("gopt", "gopt_shallow", "vpt_shallow", "vpt_deep", "lora", "fft")
+VARIANTS = ("gopt", "gopt_shallow", "vpt_shallow", "vpt_deep", "lora", "fft_early")
 
 
 @dataclass
@@ -197,7 +197,7 @@ def measure_swaps(rows: list[Row], repeats: int, rgb1=None, aux1=None,
 
 def report(args, device, batch, rows: list[Row], frozen_forward: list[float], swap: dict[str, float]) -> str:
     """The measurements as Markdown: a header line naming the setting and machine, a table, swaps."""
-    fft = next((row for row in rows if row.name == "fft"), None)
+    fft = next((row for row in rows if row.name == "fft_early"), None)
     lower = statistics.median(frozen_forward) if frozen_forward else None
     lines = [
         f"`{args.model}`, {args.size[0]}x{args.size[1]}, {device.type}"

@@ -15,7 +15,10 @@ train:
 variant                   what acts on the tokens                     backbone
 ========================  ==========================================  =======================
 ``foundation``            nothing (RGB only; aux checked, ignored)    trains, follows train()
-``fft``                   ``x + E(aux)`` before block 0               trains, follows train()
+``fft``                   two streams (RGB, aux) through the shared   trains, follows train()
+                          blocks, per-stream LayerNorms with CEN's
+                          channel exchange, fused before the head
+``fft_early``             ``x + E(aux)`` before block 0               trains, follows train()
 ``vpt_shallow``           ``x * (1 + E(aux))`` before block 0         frozen, eval mode
 ``vpt_deep``              ``x * (1 + E_l(aux))`` before every block   frozen, eval mode
 ``lora``                  ``x + Up(AuxPatchEmbed(aux))`` before 0,    frozen + trainable LoRA
@@ -24,8 +27,11 @@ variant                   what acts on the tokens                     backbone
 ========================  ==========================================  =======================
 
 ``E`` and ``E_l`` are full-width ``Conv2d(C_aux, D, patch, patch)`` aux patch embeddings. All aux
-contributions start at zero, so every variant computes its RGB model at initialisation
-(FFT starts as Foundation; VPT, LoRA and GoPT start as the frozen backbone).
+contributions start at zero, so every variant but ``fft`` computes its RGB model at
+initialisation (FFT-early starts as Foundation; VPT, LoRA and GoPT start as the frozen backbone).
+``fft`` (:mod:`gopt_adapter.two_stream`) starts as the mean of two foundation models, one on
+the RGB image and one on the aux image seen as a grey picture, with CEN's exchange on the
+channels whose LayerNorm gain is already below the threshold.
 """
 
 from __future__ import annotations
@@ -47,6 +53,19 @@ from .tokens import add_to_patch_tokens, rescale_patch_tokens
 from .model import GoptSegmenter, apply_gopt
 from .prompter import AuxPatchEmbed
 from .segmenter import DEFAULT_ADAPTER, PromptedSegmenter, check_unwrapped
+from .two_stream import (
+    EXCHANGE_L1,
+    EXCHANGE_RATIO,
+    EXCHANGE_THRESHOLD,
+    ModalityLayerNorm,
+    StreamFusion,
+    aux_patch_embedding,
+    check_exchange_settings,
+    check_two_stream_model,
+    merge_norms,
+    split_norms,
+    two_stream_features,
+)
 
 BACKBONE_TRAINING = ("frozen", "full", "lora")
 # timm's image-classification tail (forward_head): the dense head replaces it, no gradient
@@ -156,8 +175,8 @@ class BaselineAdapter(nn.Module, SegmentationAdapter):
 class AdditiveAuxAdapter(BaselineAdapter):
     """Adds aux tokens to the patch tokens entering block 0: ``x <- x + aux_embed(aux)``.
 
-    FFT uses a :class:`FullWidthAuxEmbed` (its design follows the token-level fusion of
-    Wang et al. 2022c that the paper cites), LoRA a :class:`NarrowAuxEmbed`. Both start at
+    FFT-early uses a :class:`FullWidthAuxEmbed` (our earlier, single-stream reading of the
+    paper's FFT), LoRA a :class:`NarrowAuxEmbed`. Both start at
     zero, so the model starts as its RGB model.
     """
 
@@ -199,6 +218,21 @@ class VptAdapter(BaselineAdapter):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, deep={self.deep}"
+
+
+class TwoStreamAdapter(BaselineAdapter):
+    """The two-stream FFT's own weights: the aux stream's patch embedding, the fusion and the head.
+
+    ``aux_embed`` (:func:`~gopt_adapter.two_stream.aux_patch_embedding`) ``[B, C_aux, H, W]`` ->
+    tokens laid out as the backbone's patch embedding lays out its own; ``fusion``
+    (:class:`~gopt_adapter.two_stream.StreamFusion`) mixes the streams' features before the
+    head. The per-stream LayerNorms live in the backbone (they replace its own).
+    """
+
+    def __init__(self, config: BaselineConfig, spec: BackboneSpec, aux_embed: nn.Module) -> None:
+        super().__init__(config, spec)
+        self.aux_embed = aux_embed
+        self.fusion = StreamFusion(spec.num_features)
 
 
 # ------------------------------------------------------------------ segmenter
@@ -245,6 +279,53 @@ class BaselineSegmenter(PromptedSegmenter):
         return f"variant={self.config.variant!r}, backbone_training={self.backbone_training!r}"
 
 
+class TwoStreamSegmenter(BaselineSegmenter):
+    """Table 4 "FFT" as the paper builds it: CEN's two streams through one fully fine-tuned ViT.
+
+    ``features`` runs the RGB and aux streams through the shared blocks
+    (:func:`~gopt_adapter.two_stream.two_stream_features`) and fuses them;
+    ``regularization_loss`` is CEN's L1 term on the exchange shares of the LayerNorm gains,
+    which :class:`~gopt_adapter.engine.Trainer` adds to the loss. The backbone's LayerNorms are
+    :class:`~gopt_adapter.two_stream.ModalityLayerNorm` layers, so it only runs two stacked
+    streams: ``backbone_features`` (the single-stream RGB pass) is refused.
+    """
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, adapter: TwoStreamAdapter,
+                 exchange_l1: float = EXCHANGE_L1) -> None:
+        super().__init__(model, spec, adapter, "full")
+        self.exchange_l1 = float(exchange_l1)
+
+    def features(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
+                 aux_missing: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused streams' features ``[B, D, h, w]``; every sample needs its aux image."""
+        aux, aux_missing = self._missing_aux_inputs(rgb, aux, aux_missing)  # no aux-missing mode: raises
+        self._check_inputs(rgb, aux)
+        return self.adapter.fusion(*self.stream_features(rgb, aux))
+
+    def stream_features(self, rgb: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each stream's final-norm features before the fusion, ``([B, D, h, w], [B, D, h, w])``."""
+        if getattr(self.backbone, "grad_checkpointing", False):
+            raise RuntimeError("timm's grad checkpointing replays the blocks; use segmenter.set_grad_checkpointing()")
+        return two_stream_features(self.backbone, self.adapter.aux_embed, rgb, aux)
+
+    def backbone_features(self, rgb: torch.Tensor) -> NoReturn:
+        raise NotImplementedError("the two-stream FFT has no single-stream pass: its LayerNorms take the RGB and "
+                                  "aux streams stacked; use stream_features(rgb, aux)")
+
+    def _restore_backbone(self, model: nn.Module) -> None:
+        merge_norms(model)  # plain LayerNorms with the fine-tuned RGB tensors
+
+    def exchange_norms(self) -> list[ModalityLayerNorm]:
+        return [module for module in self.backbone.modules() if isinstance(module, ModalityLayerNorm)]
+
+    def regularization_loss(self) -> torch.Tensor:
+        """``exchange_l1 * sum`` of every :meth:`ModalityLayerNorm.penalty` (CEN's sparsity term)."""
+        return self.exchange_l1 * sum(norm.penalty() for norm in self.exchange_norms())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, exchange_l1={self.exchange_l1:g}"
+
+
 def _build(model: nn.Module, backbone_training: str,
            make_adapter: Callable[[BackboneSpec], BaselineAdapter],
            prepare: Callable[[nn.Module], None] | None = None) -> BaselineSegmenter:
@@ -271,13 +352,37 @@ def build_foundation(model: nn.Module, num_classes: int, head: str = "setr_naive
 
 
 def build_fft(model: nn.Module, aux_channels: int, num_classes: int, head: str = "setr_naive", *,
-              head_channels: int = 256) -> BaselineSegmenter:
-    """Table 4 "FFT": full fine-tuning with an aux branch added to the tokens entering block 0.
+              head_channels: int = 256, exchange_threshold: float = EXCHANGE_THRESHOLD,
+              exchange_ratio: float = EXCHANGE_RATIO, exchange_l1: float = EXCHANGE_L1) -> TwoStreamSegmenter:
+    """Table 4 "FFT", "extended from the foundation model by adding auxiliary modal branches"
+    after CEN: see :class:`TwoStreamSegmenter` and :mod:`gopt_adapter.two_stream`.
 
-    The aux branch is a :class:`FullWidthAuxEmbed` (``Conv2d(C_aux, D, patch, patch)``,
-    starting at zero, so FFT starts as Foundation). Everything trains.
+    Everything trains: the shared blocks, both streams' LayerNorms, the aux patch embedding,
+    the fusion and the head. ``exchange_threshold`` (``>= 0``) and ``exchange_l1`` (``>= 0``) are
+    CEN's two settings; ``exchange_ratio`` (``[0, 1)``) the share of each stream's channels
+    exchanged at every LayerNorm whatever their gains (ours; both 0: no exchange, see
+    :class:`~gopt_adapter.two_stream.ModalityLayerNorm`). ``model`` must be a timm
+    ``VisionTransformer`` (``TypeError`` otherwise; ``fft_early`` runs on every family).
     """
     config = BaselineConfig("fft", aux_channels, num_classes, head, head_channels)
+    check_exchange_settings(exchange_threshold, exchange_ratio, exchange_l1)
+    check_unwrapped(model)
+    spec = BackboneSpec.from_model(model)
+    check_two_stream_model(model)
+    adapter = TwoStreamAdapter(config, spec, aux_patch_embedding(model.patch_embed, aux_channels))
+    split_norms(model, exchange_threshold, exchange_ratio)
+    return TwoStreamSegmenter(model, spec, adapter, exchange_l1)
+
+
+def build_fft_early(model: nn.Module, aux_channels: int, num_classes: int, head: str = "setr_naive", *,
+                    head_channels: int = 256) -> BaselineSegmenter:
+    """FFT-early (ours, not the paper's form): full fine-tuning of one stream with an aux branch
+    added to the tokens entering block 0.
+
+    The aux branch is a :class:`FullWidthAuxEmbed` (``Conv2d(C_aux, D, patch, patch)``,
+    starting at zero, so FFT-early starts as Foundation). Everything trains.
+    """
+    config = BaselineConfig("fft_early", aux_channels, num_classes, head, head_channels)
     return _build(model, "full", lambda spec: AdditiveAuxAdapter(config, spec, FullWidthAuxEmbed(aux_channels, spec)))
 
 
@@ -397,8 +502,11 @@ def _variant(name: str, builder: Callable[..., nn.Module], paper: str | None, su
 _ALL = [
     _variant("foundation", _build_foundation_variant, "Table 4 Foundation",
              "RGB-only SETR, full fine-tuning; aux ignored", frozen_backbone=False),
-    _variant("fft", build_fft, "Table 4 FFT", "full fine-tuning, full-width aux tokens added before block 0",
-             frozen_backbone=False),
+    _variant("fft", build_fft, "Table 4 FFT",
+             "two streams through the shared fine-tuned ViT, per-stream LayerNorms with CEN's channel exchange, "
+             "fused before the head", frozen_backbone=False),
+    _variant("fft_early", build_fft_early, None,
+             "full fine-tuning, full-width aux tokens added before block 0 (one stream)", frozen_backbone=False),
     _variant("vpt_shallow", build_vpt, "Table 4 VPT-Shallow", "x * (1 + E(aux)) before block 0", deep=False),
     _variant("vpt_deep", build_vpt, "Table 4 VPT-Deep", "x * (1 + E_l(aux)) before every block", deep=True),
     _variant("lora", build_lora, None, "LoRA on attn.qkv/attn.proj + narrow aux tokens added before block 0"),
@@ -440,10 +548,13 @@ __all__ = [
     "BaselineSegmenter",
     "FullWidthAuxEmbed",
     "NarrowAuxEmbed",
+    "TwoStreamAdapter",
+    "TwoStreamSegmenter",
     "VARIANTS",
     "Variant",
     "VptAdapter",
     "build_fft",
+    "build_fft_early",
     "build_foundation",
     "build_lora",
     "build_variant",

@@ -1,7 +1,8 @@
 """Training and evaluation loop for any ``model(rgb, aux) -> logits`` segmenter.
 
 Trains exactly the parameters that require grad (AdamW, polynomial decay with linear
-warmup, gradient accumulation and clipping, cross-entropy with ignore value 255); with bf16
+warmup, gradient accumulation and clipping, cross-entropy with ignore value 255, plus
+``model.regularization_loss()`` where the model has one, as the two-stream FFT does); with bf16
 autocast (``amp``: on by default on CUDA, off by default on the CPU, where it is slower but
 lets the mixed-precision path be tested) and optional ``torch.compile``; under ``torchrun``
 with DDP (nccl on CUDA, gloo on CPU). Rank 0 alone writes the JSONL log and an atomic
@@ -590,6 +591,7 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         autocast = _autocast(self.device, config.amp)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        regularization = getattr(self.model, "regularization_loss", None)
         start, seen = time.perf_counter(), 0
         running = torch.zeros((), device=self.device)  # this rank's loss of the current step
         batches = terminal_progress(self.loader, f"epoch {epoch + 1}/{config.epochs}",
@@ -604,7 +606,10 @@ class Trainer:
             with self._grad_sync(final):
                 with autocast:
                     logits = self.forward(rgb, aux)
-                loss = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX) / config.grad_accum
+                loss = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX)
+                if regularization is not None:  # e.g. the two-stream FFT's L1 term on its LayerNorm gains
+                    loss = loss + regularization()
+                loss = loss / config.grad_accum
                 loss.backward()
             running += loss.detach()
             seen += rgb.shape[0] * self.ctx.world_size

@@ -182,6 +182,10 @@ class PromptedSegmenter(nn.Module):
             adapter.requires_grad_(key == name)
         self._active = name
 
+    def _restore_backbone(self, model: nn.Module) -> None:
+        """Undoes what this segmenter changed in ``model`` besides wrapping its blocks (none here;
+        a baseline that replaces modules of the backbone puts them back)."""
+
     def extra_repr(self) -> str:
         return f"active_adapter={self._active!r}"
 
@@ -211,6 +215,7 @@ def remove_gopt(segmenter: PromptedSegmenter) -> nn.Module:
     if "backbone" not in segmenter._modules:
         raise ValueError("GoPT was already removed from this segmenter")
     model = segmenter.backbone
+    segmenter._restore_backbone(model)
     unwrap_blocks(model)
     original = segmenter._original
     for name, param in model.named_parameters():

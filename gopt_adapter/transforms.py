@@ -18,6 +18,12 @@ Training pipeline (:func:`build_transforms` with ``train=True``), in this order:
 3. :class:`RandomHorizontalFlip` with probability ``flip_prob``;
 4. :class:`Normalize` (per-modality mean/std).
 
+With ``augment=False`` only what batching needs remains: a :class:`CenterCrop` to
+``crop_size`` (padded as in step 2 where the sample is smaller), then :class:`Normalize`; no
+random scale, no random window, no flip. The paper trains "without introducing other
+algorithms for data expansion"; the configs keep ``augment=True``, reading crop and flip as
+standard rather than data expansion (docs/benchmarks.md, "Augmentation").
+
 Evaluation keeps the full size and only normalises.
 """
 
@@ -39,6 +45,7 @@ __all__ = [
     "RandomScale",
     "RandomHorizontalFlip",
     "RandomCrop",
+    "CenterCrop",
     "Normalize",
     "resize_sample",
     "default_train_config",
@@ -93,6 +100,8 @@ class TrainTransformConfig:
         flip_prob: probability of a horizontal flip.
         normalize: per-modality mean/std.
         ignore_index: label value of padded pixels.
+        augment: random scale, random crop and flip (True), or only a centred crop to
+            ``crop_size`` (False); ``scale_range`` and ``flip_prob`` are then unused.
     """
 
     crop_size: tuple[int, int]
@@ -100,8 +109,11 @@ class TrainTransformConfig:
     flip_prob: float = 0.5
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     ignore_index: int = 255
+    augment: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be true or false, got {self.augment!r}")
         crop = tuple(int(v) for v in self.crop_size)
         if len(crop) != 2 or min(crop) < 1:
             raise ValueError(f"crop_size must be two positive ints (height, width), got {self.crop_size}")
@@ -227,11 +239,12 @@ class RandomCrop:
         out[..., : src.shape[-2], : src.shape[-1]] = src
         return out
 
-    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+    def _offsets(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
         ch, cw = self.size
-        h, w = sample["label"].shape[-2:]
-        top = int(_rand(generator) * (max(h, ch) - ch + 1))
-        left = int(_rand(generator) * (max(w, cw) - cw + 1))
+        return int(_rand(generator) * (max(height, ch) - ch + 1)), int(_rand(generator) * (max(width, cw) - cw + 1))
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        top, left = self._offsets(*sample["label"].shape[-2:], generator)
         out = dict(sample)
         for key in ("rgb", "aux", "label"):
             out[key] = self._window(sample[key], self.fills[key], top, left)
@@ -239,6 +252,17 @@ class RandomCrop:
 
     def __repr__(self) -> str:
         return f"RandomCrop(size={self.size}, fills={self.fills})"
+
+
+class CenterCrop(RandomCrop):
+    """The centred ``size`` window (rounded up-left), padded as :class:`RandomCrop` pads; draws nothing."""
+
+    def _offsets(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
+        ch, cw = self.size
+        return max(height - ch, 0) // 2, max(width - cw, 0) // 2
+
+    def __repr__(self) -> str:
+        return f"CenterCrop(size={self.size}, fills={self.fills})"
 
 
 class Normalize:
@@ -288,7 +312,8 @@ def build_transforms(
     """Training or evaluation transforms for dataset ``name``.
 
     ``train=True`` builds scale -> crop -> flip -> normalise from ``config`` (default:
-    :func:`default_train_config`); ``train=False`` only normalises, at full size.
+    :func:`default_train_config`), or centred crop -> normalise with ``config.augment`` off;
+    ``train=False`` only normalises, at full size.
     ``normalize`` overrides the mean/std of either.
     """
     if name.lower().replace("-", "_") not in DEFAULT_TRAIN_SETTINGS:
@@ -298,11 +323,13 @@ def build_transforms(
         if normalize is not None:
             config = replace(config, normalize=normalize)
         norm = config.normalize
+        # padding with the mean makes padded pixels exactly 0 after normalisation
+        fills = dict(rgb_fill=norm.rgb_mean, aux_fill=norm.aux_mean, label_fill=config.ignore_index)
+        if not config.augment:
+            return Compose([CenterCrop(config.crop_size, **fills), Normalize(norm)])
         return Compose([
             RandomScale(config.scale_range),
-            # padding with the mean makes padded pixels exactly 0 after normalisation
-            RandomCrop(config.crop_size, rgb_fill=norm.rgb_mean, aux_fill=norm.aux_mean,
-                       label_fill=config.ignore_index),
+            RandomCrop(config.crop_size, **fills),
             RandomHorizontalFlip(config.flip_prob),
             Normalize(norm),
         ])

@@ -48,6 +48,7 @@ def cli(*args, env=None, **kwargs):
         (["--dataset", "synthetic", "--set", "transforms.normalize=[0.5]"], "normalize must be an object"),
         (["--dataset", "synthetic", "--set", 'transforms.normalize={"aux_mean": [0.1, 0.2]}'],
          "aux has 1 channels but aux_mean/aux_std have 2/1 values"),
+        (["--dataset", "synthetic", "--set", 'transforms.augment="no"'], "augment must be true or false"),
         (["--dataset", "synthetic", "--set", "train=5"], "setting train must be a JSON object"),
         (["--dataset", "synthetic", "--set", "train.epochs.x=1"], "'epochs' is 4, not a group of settings"),
         (["--dataset", "synthetic", "--set", "out=5"], "setting out must be a string"),
@@ -124,7 +125,7 @@ def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
     assert adapter.preprocessing is not None and adapter.preprocessing.to_dict() == record["preprocessing"]
 
 
-@pytest.mark.parametrize("variant", ["vpt_shallow", "fft"])
+@pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early"])
 def test_baseline_run_keeps_its_trained_tensors(tmp_path, variant):
     """Baselines have no adapter file: their trainable tensors go to trained.safetensors."""
     out = tmp_path / variant
@@ -268,7 +269,13 @@ def test_suite_puts_our_runs_beside_the_papers_numbers(tmp_path):
     text = suite.render(suite.collect(tmp_path))
     table4 = table_section(text, "Table 4: variants and ablations")
     assert "| nyudv2 PAcc (40 classes) |" in table4
-    assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in row(table4, "GoPT")
+    assert "| 0.94M | 80.0±0.0 (79.8, +0.2) | 60.0±0.0 (67.5, -7.5) | 51.0±1.4 (54.1, -3.1) | - (77.1) |" in row(
+        table4, "GoPT (ACP query ours: RGB + aux token)")
+    assert row(table4, "GoPT (ACP query as printed: RGB token)").startswith("| GoPT (ACP query as printed: RGB token) | - |")
+    assert text.startswith(suite.QUERY_NOTE) and "`gopt_rgb_query`" in suite.QUERY_NOTE
+    assert row(table4, "FFT (two streams, CEN exchange)").endswith("| - (78.5) | - (65.4) | - (53.1) | - (74.9) | "
+                                                                   "- (56.3) | - (70.8) | - (68.3) | - (58.9) |")
+    assert row(table4, "FFT-early (one stream, not in paper)").endswith("| - | - |")
     assert "Fig. 6" not in text and "Fig. 7" not in text  # no such runs
 
 
@@ -373,3 +380,19 @@ def test_runner_on_tiny_copies_of_each_layout(dataset, tmp_path):
     record = json.loads((out / "results.json").read_text())
     assert record["config"]["dataset"] == dataset and 0 <= record["metrics"]["miou"] <= 1
     assert (out / "adapter.safetensors").exists()
+
+
+def test_the_configs_augment_and_one_setting_turns_it_off():
+    """Every packaged config states the augmentation reading (on: crop and flip are standard);
+    ``--set transforms.augment=false`` leaves only the centred crop."""
+    from gopt_adapter import recipe
+    from gopt_adapter.transforms import build_transforms
+
+    for path in sorted(recipe.config_path("synthetic").parent.glob("*.json")):
+        assert read_json(path)["transforms"]["augment"] is True, path.name
+    for setting, expected in (([], ["RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize"]),
+                              (["--set", "transforms.augment=false"], ["CenterCrop", "Normalize"])):
+        config = recipe.load_run_config(recipe.parse_args(["--dataset", "synthetic", *setting]))
+        transforms = recipe.build_transform_config(config)
+        assert transforms.crop_size == (64, 64)
+        assert [type(t).__name__ for t in build_transforms("synthetic", True, transforms).transforms] == expected

@@ -178,3 +178,29 @@ def test_with_dataset_and_dataloader() -> None:
     assert batch["rgb"].shape == (4, 3, 24, 24) and batch["label"].shape == (4, 24, 24)
     labels = batch["label"]
     assert bool(((labels < ds.num_classes) | (labels == 255)).all())
+
+
+def test_without_augmentation_training_takes_the_centred_window_and_draws_nothing() -> None:
+    cfg = default_train_config("nyudv2", crop_size=(4, 6), augment=False)
+    pipeline = build_transforms("nyudv2", train=True, config=cfg)
+    assert [type(t).__name__ for t in pipeline.transforms] == ["CenterCrop", "Normalize"]
+    sample = coord_sample(9, 10)
+    before = torch.get_rng_state()
+    outs = [pipeline(sample, torch.Generator().manual_seed(seed)) for seed in range(3)] + [pipeline(sample)]
+    assert torch.equal(torch.get_rng_state(), before)  # no draw from the global RNG either
+    expected = torch.arange(9 * 10).view(9, 10)[2:6, 2:8]  # rows (9 - 4) // 2 = 2.., columns (10 - 6) // 2 = 2..
+    for out in outs:
+        assert torch.equal(out["label"], expected)  # not flipped, not rescaled
+        assert torch.equal(out["aux"], (expected.float()[None] - 0.5) / 0.5)
+    padded = pipeline(make_sample(3, 4))  # smaller than the crop: padded at the bottom/right, 0 after normalising
+    assert bool((padded["label"][3:] == 255).all()) and bool((padded["rgb"][:, :, 4:] == 0).all())
+    assert torch.equal(padded["label"][:3, :4], make_sample(3, 4)["label"])
+
+
+def test_augment_is_on_by_default_and_must_be_a_bool() -> None:
+    assert default_train_config("nyudv2").augment is True
+    names = [type(t).__name__ for t in build_transforms("nyudv2", train=True).transforms]
+    assert names == ["RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize"]
+    for bad in ("false", 0, None):
+        with pytest.raises(ValueError, match="augment must be true or false"):
+            TrainTransformConfig(crop_size=(4, 4), augment=bad)
