@@ -218,6 +218,7 @@ __all__ = [
     "aux_patch_embedding",
     "check_exchange_settings",
     "check_two_stream_model",
+    "merge_norms",
     "split_norms",
     "two_stream_features",
 ]
