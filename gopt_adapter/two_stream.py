@@ -83,6 +83,7 @@ class ModalityLayerNorm(nn.LayerNorm):
         check_exchange_settings(threshold, ratio)
         super().__init__(norm.normalized_shape, eps=norm.eps, device="meta")
         self.weight, self.bias = norm.weight, norm.bias  # the RGB stream keeps the backbone's tensors
+        object.__setattr__(self, "replaced", norm)  # not a submodule: what merge_norms puts back
         self.aux_weight = nn.Parameter(norm.weight.detach().clone())  # initialised from the RGB norm
         self.aux_bias = nn.Parameter(norm.bias.detach().clone())
         self.threshold, self.ratio = float(threshold), float(ratio)
@@ -97,11 +98,14 @@ class ModalityLayerNorm(nn.LayerNorm):
         """Bool ``[D]``: the channels ``start:stop`` whose gain is below the threshold or among the
         smallest (static shapes: no data-dependent indexing, so it traces and compiles)."""
         gains = gains.detach().abs()[start:stop]  # [n]
-        mask = torch.zeros(self.weight.shape, dtype=torch.bool, device=gains.device)  # [D]
-        mask[start:stop] = gains < self.threshold
+        share = gains < self.threshold  # [n]
         count = int(self.ratio * (stop - start))
-        if count:
-            mask = mask.index_fill(0, torch.sort(gains, stable=True).indices[:count] + start, True)
+        if count:  # rank of each gain, ties by channel index (a stable sort's order; ONNX has no stable sort)
+            index = torch.arange(gains.shape[0], device=gains.device)
+            earlier = (gains[None, :] < gains[:, None]) | ((gains[None, :] == gains[:, None]) & (index[None, :] < index[:, None]))
+            share = share | (earlier.sum(dim=1) < count)  # [n, n] -> [n]
+        mask = torch.zeros(self.weight.shape, dtype=torch.bool, device=gains.device)  # [D]
+        mask[start:stop] = share
         return mask
 
     def exchange_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +117,8 @@ class ModalityLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] % 2:
             raise ValueError(f"ModalityLayerNorm takes two stacked streams [2B, ...], got batch {x.shape[0]}")
-        rgb, aux = x.chunk(2)  # [B, ..., D] each
+        half = x.shape[0] // 2
+        rgb, aux = x[:half], x[half:]  # [B, ..., D] each (slices: chunk exports as a split the exporter cannot fold)
         rgb = F.layer_norm(rgb, self.normalized_shape, self.weight, self.bias, self.eps)
         aux = F.layer_norm(aux, self.normalized_shape, self.aux_weight, self.aux_bias, self.eps)
         if self.threshold > 0 or self.ratio > 0:
@@ -144,14 +149,13 @@ def split_norms(model: nn.Module, threshold: float = EXCHANGE_THRESHOLD,
 
 
 def merge_norms(model: nn.Module) -> None:
-    """Undoes :func:`split_norms`: every :class:`ModalityLayerNorm` becomes the plain
-    ``nn.LayerNorm`` it replaced, holding the same (RGB) tensors; the aux copies are dropped."""
+    """Undoes :func:`split_norms`: every :class:`ModalityLayerNorm` gives way to the very
+    LayerNorm module it replaced (timm's class included), which holds the same, fine-tuned RGB
+    tensors; the aux copies are dropped."""
     for name, module in list(model.named_modules()):
         if isinstance(module, ModalityLayerNorm):
-            norm = nn.LayerNorm(module.normalized_shape, eps=module.eps, device="meta")
-            norm.weight, norm.bias = module.weight, module.bias
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, norm)
+            setattr(model.get_submodule(parent) if parent else model, attr, module.replaced)
 
 
 def aux_patch_embedding(patch_embed: nn.Module, aux_channels: int) -> nn.Module:

@@ -154,3 +154,20 @@ def test_cli_errors_for_paths_and_a_missing_backbone_name(tmp_path, saved, capsy
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_the_two_stream_fft_exports_with_its_exchange(tmp_path):
+    """The paper's FFT (two stacked streams, exchange masks ranked without a sort) runs in ONNX
+    Runtime as in PyTorch, with gains spread so that the exchange picks real channels."""
+    from gopt_adapter.baselines import build_variant
+
+    torch.manual_seed(0)
+    segmenter = build_variant("fft", make_backbone("vit", depth=2), 1, 3).eval()
+    with torch.no_grad():
+        for norm in segmenter.exchange_norms():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.aux_weight.uniform_(0.5, 1.5)
+    assert any(mask.any() for norm in segmenter.exchange_norms() for mask in norm.exchange_masks())
+    path = export_onnx(segmenter, tmp_path / "fft.onnx", (32, 48))
+    assert onnx_max_difference(path, segmenter, *example_inputs(segmenter, (32, 48), batch=2, seed=3)) \
+        < PARITY_TOLERANCE

@@ -256,6 +256,7 @@ def test_the_shared_base_serves_baselines_remove_count_export_and_aux_missing(na
     flags = {key: p.requires_grad for key, p in model.named_parameters()}
     modes = {key: m.training for key, m in model.named_modules()}
     keys = list(model.state_dict())
+    tree = [(key, type(module)) for key, module in model.named_modules()]
     segmenter = build_variant(name, model, 1, 3)
     counted = count_parameters(segmenter)
     assert counted.total == sum(p.numel() for p in segmenter.parameters())
@@ -266,6 +267,7 @@ def test_the_shared_base_serves_baselines_remove_count_export_and_aux_missing(na
         WithoutAux(segmenter)(torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32))
     restored = remove_gopt(segmenter)
     assert restored is model and list(model.state_dict()) == keys
+    assert [(key, type(module)) for key, module in model.named_modules()] == tree
     assert {key: p.requires_grad for key, p in model.named_parameters()} == flags
     assert {key: m.training for key, m in model.named_modules()} == modes
     with pytest.raises(TypeError, match="remove_gopt needs a segmenter"):
