@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from gopt_adapter import count_parameters, load_adapter, save_adapter
-from gopt_adapter.baselines import build_variant
+from gopt_adapter.baselines import TwoStreamSegmenter, build_variant
 from gopt_adapter.engine import trainable_state_dict
 from gopt_adapter.files import tensors_bytes
 from gopt_adapter.segmenter import PromptedSegmenter
@@ -124,12 +124,14 @@ def main(argv=None) -> None:
         model = build_variant(name, copy.deepcopy(base), 1, args.num_classes).to(device)
         params = count_parameters(model)
         rows.append(Row(name, model, params.trainable, len(tensors_bytes(trainable_state_dict(model))), [], []))
-    lower_bound = rows[0].model if isinstance(rows[0].model, PromptedSegmenter) else None
+    # the two-stream FFT has no single-stream pass to time as the frozen backbone
+    lower_bound = next((row.model for row in rows if isinstance(row.model, PromptedSegmenter)
+                        and not isinstance(row.model, TwoStreamSegmenter)), None)
     frozen_forward: list[float] = []
     optimizers = {row.name: torch.optim.AdamW([p for p in row.model.parameters() if p.requires_grad], lr=1e-6)
                   for row in rows}
 
-    def frozen():  # lower bound: the first variant's backbone and head without its prompters
+    def frozen():  # lower bound: the first single-stream variant's backbone and head without its prompters
         return lower_bound.upsample(lower_bound.adapter.head(lower_bound.backbone_features(rgb1)), size)
 
     def step(row: Row):
