@@ -330,7 +330,7 @@ def _build(model: nn.Module, backbone_training: str,
            make_adapter: Callable[[BackboneSpec], BaselineAdapter],
            prepare: Callable[[nn.Module], None] | None = None) -> BaselineSegmenter:
     """Validates ``model`` and every option before anything changes it, then wraps it."""
-    check_unwrapped(model)
+    check_unwrapped(model, "a baseline")
     spec = BackboneSpec.from_model(model)
     adapter = make_adapter(spec)
     if prepare is not None:
@@ -366,7 +366,7 @@ def build_fft(model: nn.Module, aux_channels: int, num_classes: int, head: str =
     """
     config = BaselineConfig("fft", aux_channels, num_classes, head, head_channels)
     check_exchange_settings(exchange_threshold, exchange_ratio, exchange_l1)
-    check_unwrapped(model)
+    check_unwrapped(model, "build_fft")
     spec = BackboneSpec.from_model(model)
     check_two_stream_model(model)
     adapter = TwoStreamAdapter(config, spec, aux_patch_embedding(model.patch_embed, aux_channels))

@@ -196,11 +196,14 @@ def check_adapter_name(name: str) -> None:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
 
-def check_unwrapped(model: nn.Module) -> None:
+def check_unwrapped(model: nn.Module, caller: str = "apply_gopt") -> None:
+    """Refuses what ``caller`` cannot wrap: a non-module, or a model a segmenter already holds."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"apply_gopt needs a timm model (nn.Module), got {type(model).__name__}")
+        raise TypeError(f"{caller} needs a timm model (nn.Module), got {type(model).__name__}")
     if is_wrapped(model):
-        raise ValueError("this model already has GoPT applied; use segmenter.add_adapter() for another task")
+        advice = "use segmenter.add_adapter() for another task" if caller == "apply_gopt" else \
+            "a baseline needs a model of its own (remove_gopt gives the wrapped one back)"
+        raise ValueError(f"this model already has GoPT applied; {advice}")
 
 
 def remove_gopt(segmenter: PromptedSegmenter) -> nn.Module:

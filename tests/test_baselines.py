@@ -287,9 +287,11 @@ def test_unsupported_or_already_wrapped_models_are_refused_unchanged(name):
         build_variant(name, timm.create_model("convnext_atto", pretrained=False), AUX, CLASSES)
     segmenter = build("gopt")
     before = snapshot(segmenter.backbone)
-    with pytest.raises(ValueError, match="already has GoPT applied"):
+    with pytest.raises(ValueError, match="already has GoPT applied; a baseline needs a model of its own"):
         build_variant(name, segmenter.backbone, AUX, CLASSES)
     assert_bitwise_equal(before, snapshot(segmenter.backbone))
+    with pytest.raises(TypeError, match="a baseline needs a timm model"):
+        build_variant(name, "vit.safetensors", AUX, CLASSES)
 
 
 def test_lora_without_peft_names_the_extra(monkeypatch):
