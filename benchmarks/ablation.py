@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from gopt_adapter.baselines import VARIANTS, build_variant
+from gopt_adapter.calibration import calibrate_missing_mode
 from gopt_adapter.demo import DemoConfig, build_foundation_backbone, class_miou, synthetic_datasets, train_foundation
 from gopt_adapter.engine import Dist, TrainConfig, Trainer
 from gopt_adapter.files import atomic_write_bytes
@@ -105,7 +106,8 @@ def pretrain(config: AblationConfig, world: str, seed: int, weights: str) -> str
 def train_run(config: AblationConfig, world: str, variant: str, seed: int, weights: str, work: Path):
     """Trains ``variant`` from the pretrained weights with ``seed`` (checkpoints under ``work``).
 
-    Returns ``(model, final validation metrics, training set, validation set)``.
+    An adapter with an aux-missing mode is then calibrated on the training set. Returns
+    ``(model, final validation metrics, training set, validation set)``.
     """
     torch.set_num_threads(1)
     demo = replace(config.demo, mode=world)
@@ -115,6 +117,8 @@ def train_run(config: AblationConfig, world: str, variant: str, seed: int, weigh
     model = build_variant(variant, build_foundation_backbone(demo, weights), train.aux_channels, num_classes)
     metrics = Trainer(model, train, num_classes, config.train_config(variant, seed), work, val_set=val,
                       device="cpu", ctx=Dist()).fit()
+    if getattr(model.config, "has_missing_mode", False):  # as the demo and gopt train do
+        calibrate_missing_mode(model, train)
     return model, metrics, train, val
 
 

@@ -75,7 +75,22 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
                 values = [r["conditions"][name]["miou"] for r in group if r["conditions"][name] is not None]
                 cells.append(mean_std(values) if len(values) == len(group) else "-")
             lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
+        lines += missing_split(config, [r for r in records if r["world"] == world], world)
     return "\n".join(lines) + "\n"
+
+
+def missing_split(config: AblationConfig, records: list[dict[str, Any]], world: str) -> list[str]:
+    """Markdown lines: without aux, mIoU on the classes RGB tells apart and on those only aux does."""
+    lines = ["", f"Without aux on the {world} world, mIoU (%) on the classes RGB tells apart and on the classes "
+             "only aux separates (models that can run without aux):", "",
+             "| Model | RGB classes | aux classes |", "|---|---:|---:|"]
+    missing = next(fault.name for fault in ROBUSTNESS_FAULTS if fault.kind == "missing")
+    for variant in config.variants:
+        group = [r["conditions"][missing] for r in records if r["variant"] == variant]
+        if group and all(c is not None for c in group):
+            lines.append(f"| {LABELS.get(variant, variant)} | {mean_std([c['miou_rgb_classes'] for c in group])} "
+                         f"| {mean_std([c['miou_aux_classes'] for c in group])} |")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ Two lines from a pretrained timm ViT to an RGB-X segmenter::
 from .adapter import GoptAdapter
 from .adapter_io import AdapterError, read_adapter_file
 from .backbone import BackboneSpec
+from .calibration import CalibrationReport, calibrate_missing_mode
 from .config import GoptConfig
 from .contract import SegmentationAdapter
 from .export import export_onnx
@@ -22,6 +23,7 @@ from .version import __version__
 __all__ = [
     "AdapterError",
     "BackboneSpec",
+    "CalibrationReport",
     "GoptAdapter",
     "GoptConfig",
     "GoptSegmenter",
@@ -30,6 +32,7 @@ __all__ = [
     "PromptedSegmenter",
     "SegmentationAdapter",
     "apply_gopt",
+    "calibrate_missing_mode",
     "count_parameters",
     "export_onnx",
     "load_adapter",

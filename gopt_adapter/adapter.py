@@ -43,8 +43,13 @@ class GoptAdapter(nn.Module, SegmentationAdapter):
         r = config.hidden_dim
         self.aux_embed = AuxPatchEmbed(config.aux_channels, r, spec.patch_size, spec.dynamic_img_pad)
         self.class_tokens = nn.Parameter(torch.empty(config.groups, r))  # c_m^0, [C, r]
-        # stands in for every aux token of a sample without aux (config.aux_dropout > 0 only)
+        # the aux-missing mode (config.aux_dropout > 0 only): a sample without aux gets stand-in
+        # aux tokens, one learned token plus a learned embedding of its RGB patches
         self.missing_aux = nn.Parameter(torch.empty(r)) if config.has_missing_mode else None  # [r]
+        self.missing_embed = AuxPatchEmbed(spec.in_chans, r, spec.patch_size, spec.dynamic_img_pad) \
+            if config.has_missing_mode else None
+        # added to the logits of samples without aux; zero until fitted (gopt_adapter.calibration)
+        self.register_buffer("missing_logit_bias", torch.zeros(config.num_classes) if config.has_missing_mode else None)
         self.prompters = nn.ModuleList(GroupingPrompter(config, spec.embed_dim) for _ in self.block_indices)
         self.head = build_head(config.head, spec.num_features, config.num_classes, config.head_channels)
         self.preprocessing = None
@@ -88,13 +93,15 @@ class GoptAdapter(nn.Module, SegmentationAdapter):
             nn.init.zeros_(prompter.up.weight)
             nn.init.zeros_(prompter.up.bias)
 
-    def initial_state(self, aux: torch.Tensor, missing: torch.Tensor | None = None) -> PromptState:
+    def initial_state(self, aux: torch.Tensor, missing: torch.Tensor | None = None,
+                      rgb: torch.Tensor | None = None) -> PromptState:
         """State entering the first prompter: aux tokens and the learned class tokens.
 
         ``missing`` (bool ``[B]``) marks samples without an aux image: their aux values are
-        never read, and every one of their aux tokens is the learned ``missing_aux`` token.
-        In training, ``config.aux_dropout`` marks further samples at random, so that the
-        prompters and the head learn to do without aux (with 0 nothing is drawn).
+        never read, and their aux tokens are stand-ins made from their ``rgb [B, 3, H, W]``
+        (:meth:`stand_in_tokens`). In training, ``config.aux_dropout`` marks further samples
+        at random, so that the prompters and the head learn to do without aux (with 0
+        nothing is drawn).
         """
         if self.training and self.config.aux_dropout > 0:
             dropped = torch.rand(aux.shape[0], device=aux.device) < self.config.aux_dropout  # [B]
@@ -104,10 +111,22 @@ class GoptAdapter(nn.Module, SegmentationAdapter):
         else:
             if self.missing_aux is None:
                 raise ValueError("this adapter has no aux-missing mode: it was trained with aux_dropout=0")
+            if rgb is None:
+                raise ValueError("the aux-missing mode needs the rgb image: initial_state(aux, missing, rgb)")
             tokens = self.aux_embed(aux.masked_fill(missing.view(-1, 1, 1, 1), 0))  # absent aux (even NaN) unread
-            aux_tokens = torch.where(missing.view(-1, 1, 1), self.missing_aux.to(tokens.dtype), tokens)  # [B, S, r]
+            aux_tokens = torch.where(missing.view(-1, 1, 1), self.stand_in_tokens(rgb).to(tokens.dtype),
+                                     tokens)  # [B, S, r]
         class_tokens = self.class_tokens.unsqueeze(0).expand(aux.shape[0], -1, -1)  # [B, C, r]
         return PromptState(aux_tokens, class_tokens)
+
+    def stand_in_tokens(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Aux tokens for samples without aux: ``missing_aux`` plus an embedding of the RGB
+        patch each token covers, ``[B, S, r]``.
+
+        The RGB term lets the stand-ins vary over the scene as real aux tokens do, so that CUP
+        still forms groups and ACP still gives regions different prompts (docs/method.md).
+        """
+        return self.missing_embed(rgb) + self.missing_aux  # [B, S, r]
 
     def prompts_at(self, block_index: int) -> bool:
         """Whether a prompter sits before block ``block_index``."""

@@ -72,7 +72,7 @@ BACKBONE_TRAINING = ("frozen", "full", "lora")
 # reaches it, so full fine-tuning leaves it frozen.
 CLASSIFIER_MODULES = ("fc_norm", "attn_pool", "head", "head_dist")
 # aux_dropout of the gopt_aux_dropout variant and of the demo (see docs/method.md)
-AUX_DROPOUT = 0.2
+AUX_DROPOUT = 0.3
 
 
 # --------------------------------------------------------------------------- config

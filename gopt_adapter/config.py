@@ -38,7 +38,9 @@ class GoptConfig:
         aux_dropout: probability that a training sample's aux image is treated as missing
             (the adapter's aux-missing mode, see :meth:`GoptAdapter.initial_state`). ``0``
             is the paper's training and gives an adapter without a missing mode; ``> 0``
-            adds one learned token of width ``r`` that stands in for absent aux tokens, so
+            adds stand-ins for absent aux tokens (a learned token of width ``r`` plus a learned
+            embedding of the RGB patches) and per-class logit offsets fitted after training
+            (:func:`~gopt_adapter.calibration.calibrate_missing_mode`), so
             ``segmenter(rgb, aux=None)`` works (docs/method.md, "When the aux image is missing").
     """
 

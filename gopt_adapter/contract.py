@@ -12,7 +12,8 @@ with the prompts of an adapter. Per forward it calls, in this order:
 
 It reads ``adapter.config.aux_channels`` (input checks) and ``adapter.config.num_classes``.
 An adapter with an aux-missing mode also has a non-``None`` ``missing_aux`` and takes
-``initial_state(aux, missing)`` with a bool ``[B]`` mask. :class:`~gopt_adapter.adapter.GoptAdapter`
+``initial_state(aux, missing, rgb)`` with a bool ``[B]`` mask and the RGB image, from which
+it makes the missing samples' stand-in state. :class:`~gopt_adapter.adapter.GoptAdapter`
 and the baselines' adapters (:mod:`gopt_adapter.baselines`) implement the contract; the
 state is whatever the adapter hands from block to block (GoPT: a
 :class:`~gopt_adapter.prompter.PromptState`).

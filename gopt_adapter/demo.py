@@ -2,7 +2,7 @@
 
 1. Train a small RGB-only foundation ViT (SETR-naive head, full fine-tuning).
 2. Freeze it, apply GoPT (with ``aux_dropout``, so it also learns to work without aux), train
-   only the adapter on RGB + aux.
+   only the adapter on RGB + aux, then calibrate its aux-missing mode on the training scenes.
 3. Evaluate both: mIoU overall and on the classes that only the aux channel separates, and
    GoPT once more with no aux image at all (its aux-missing mode).
 4. Save the adapter with the synthetic world's preprocessing (aux in [0, 1] scaled by the
@@ -25,6 +25,7 @@ import torch
 from .backbone import create_backbone
 from .aux_faults import WithoutAux
 from .baselines import AUX_DROPOUT, build_variant
+from .calibration import calibrate_missing_mode
 from .datasets import get_dataset
 from .engine import Dist, TrainConfig, Trainer, evaluate
 from .files import write_tensors
@@ -123,6 +124,10 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     segmenter.adapter.class_names = train.class_names  # the legend of gopt predict
     gopt_metrics = Trainer(segmenter, train, num_classes, replace(config.gopt, seed=config.seed, progress=progress),
                            out / "gopt", val_set=val, device="cpu", ctx=Dist()).fit()
+    if segmenter.config.has_missing_mode:
+        report = calibrate_missing_mode(segmenter, train)
+        print(f"calibrated the aux-missing mode on {report.pixels:,} training pixels (largest change of a class's "
+              f"predicted share: {report.largest_change():.3f})", file=sys.stderr)
 
     print("[3/4] saving the adapter and reloading it into a fresh segmenter", file=sys.stderr)
     adapter_path = save_adapter(segmenter, out / "gopt_adapter.safetensors")

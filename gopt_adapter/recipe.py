@@ -35,6 +35,7 @@ import torch
 from .adapter import GoptAdapter
 from .backbone import BackboneSpec, create_backbone
 from .baselines import VARIANTS, build_variant
+from .calibration import calibrate_missing_mode
 from .datasets import DATASETS, get_dataset
 from .engine import (
     CheckpointError,
@@ -355,6 +356,12 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         raise UsageError(str(exc)) from None
     finally:
         trainer.close()
+    calibration = None
+    if is_gopt and model.config.has_missing_mode and ctx.is_main:  # only the main process saves the adapter
+        report = calibrate_missing_mode(model, train_set)
+        calibration = {"pixels": report.pixels, "missing_logit_bias": report.bias.tolist()}
+        print(f"calibrated the aux-missing mode on {report.pixels:,} training pixels (largest change of a class's "
+              f"predicted share: {report.largest_change():.3f})", file=sys.stderr)
     record = json_safe({  # standard JSON: NaN (a class never seen) becomes null
         "config": {**dataclasses.asdict(config), "train": dataclasses.asdict(config.train)},
         "backbone_init": config.backbone_init,  # weights, pretrained or random_init
@@ -369,6 +376,7 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         "world_size": ctx.world_size,
         "class_names": list(train_set.class_names),
         "preprocessing": preprocessing.to_dict(),
+        "missing_mode_calibration": calibration,  # None: the adapter has no aux-missing mode
     })
     if ctx.is_main:
         out = Path(config.out)

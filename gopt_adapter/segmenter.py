@@ -65,6 +65,11 @@ class PromptedSegmenter(nn.Module):
         """
         features = self.features(rgb, aux, aux_missing)  # [B, D, h, w]
         logits = self.adapter.head(features)  # [B, K, h, w]
+        bias = getattr(self.adapter, "missing_logit_bias", None)
+        if bias is not None and (aux is None or aux_missing is not None):  # samples flagged as without aux
+            missing = torch.ones(rgb.shape[0], dtype=torch.bool, device=logits.device) if aux is None else aux_missing
+            logits = logits + torch.where(missing.to(logits.device).view(-1, 1, 1, 1),
+                                          bias.to(logits.dtype).view(1, -1, 1, 1), 0)  # [B, K, h, w]
         return self.upsample(logits, rgb.shape[-2:])
 
     def features(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
@@ -73,7 +78,10 @@ class PromptedSegmenter(nn.Module):
         aux, aux_missing = self._missing_aux_inputs(rgb, aux, aux_missing)
         self._check_inputs(rgb, aux)
         adapter = self.adapter
-        state = adapter.initial_state(aux) if aux_missing is None else adapter.initial_state(aux, aux_missing)
+        if getattr(adapter, "missing_aux", None) is None:
+            state = adapter.initial_state(aux)
+        else:  # training may drop any sample's aux: its stand-in tokens are made from its rgb
+            state = adapter.initial_state(aux, aux_missing, rgb)
         return self._prompted_features(rgb, [Route(adapter, None, state)])
 
     def _prompted_features(self, rgb: torch.Tensor, routes: list[Route]) -> torch.Tensor:

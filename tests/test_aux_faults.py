@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import robustness
 from gopt_adapter.aux_faults import HOLE_BLOCK, ROBUSTNESS_FAULTS, AuxFault, FaultyAux
+from gopt_adapter.baselines import AUX_DROPOUT
 
 
 def image(seed: int = 0, shape=(2, 24, 36)) -> torch.Tensor:
@@ -114,6 +115,12 @@ def test_robustness_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     gopt_row = next(line for line in text.splitlines() if line.startswith("| GoPT |"))
     assert gopt_row.split("|")[3].strip() == "-"  # the missing column
     assert f"{100 * by_variant['gopt']['miou']:.1f} ± 0.0" in gopt_row
+    split = text[text.index("Without aux on the depth world"):].splitlines()
+    split_rows = {line.split("|")[1].strip(): line for line in split[4:] if line.startswith("| ")}
+    assert set(split_rows) == {"Foundation (RGB only)", f"GoPT + aux_dropout {AUX_DROPOUT:g}"}  # no GoPT: no mode
+    missing = by_variant["gopt_aux_dropout"]["conditions"]["missing"]
+    assert split_rows[f"GoPT + aux_dropout {AUX_DROPOUT:g}"].split("|")[2:4] == [
+        f" {100 * missing['miou_rgb_classes']:.1f} ± 0.0 ", f" {100 * missing['miou_aux_classes']:.1f} ± 0.0 "]
     capsys.readouterr()
     assert robustness.main(tiny) == 0
     assert "3 runs done before, 0 to go" in capsys.readouterr().err

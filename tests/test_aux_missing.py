@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, safe_open
@@ -58,13 +59,23 @@ def test_a_mixed_batch_equals_each_sample_alone(mask, family):
     assert torch.isfinite(batch).all()
 
 
-def test_missing_samples_get_the_learned_token_for_every_aux_token():
+def test_missing_samples_get_stand_in_tokens_made_from_their_rgb():
+    """A missing sample's aux tokens are ``missing_aux`` + LayerNorm(patch conv of its RGB),
+    computed here from the parameters; a present sample keeps its embedded aux."""
     segmenter = trained_segmenter()
     adapter = segmenter.adapter
-    _, aux = family_inputs("vit", batch=2)
-    state = adapter.initial_state(aux, torch.tensor([True, False]))
-    assert torch.equal(state.aux_tokens[0], adapter.missing_aux.expand_as(state.aux_tokens[0]))
-    assert torch.equal(state.aux_tokens[1], adapter.aux_embed(aux[1:])[0])
+    rgb, aux = family_inputs("vit", batch=2)
+    embed = adapter.missing_embed
+    with torch.no_grad():
+        state = adapter.initial_state(aux, torch.tensor([True, False]), rgb)
+        patches = F.conv2d(rgb[:1], embed.proj.weight, embed.proj.bias, stride=embed.patch_size)  # [1, r, h, w]
+        tokens = patches.flatten(2).transpose(1, 2)  # [1, S, r]
+        expected = F.layer_norm(tokens, tokens.shape[-1:], embed.norm.weight, embed.norm.bias) + adapter.missing_aux
+        torch.testing.assert_close(state.aux_tokens[:1], expected)
+        assert torch.equal(state.aux_tokens[1], adapter.aux_embed(aux[1:])[0])
+        assert state.aux_tokens[0].std(dim=0).min() > 0  # the stand-ins vary over the image
+    with pytest.raises(ValueError, match="needs the rgb image"):
+        adapter.initial_state(aux, torch.tensor([True, False]))
 
 
 def test_aux_dropout_drops_the_configured_share_of_training_samples():
@@ -74,27 +85,31 @@ def test_aux_dropout_drops_the_configured_share_of_training_samples():
     adapter = segmenter.adapter
     with torch.no_grad():
         adapter.missing_aux.fill_(123.0)  # a value no embedded aux token takes
+        adapter.missing_embed.norm.weight.zero_()  # stand-ins: exactly the token
     aux = torch.randn(2000, 1, 16, 16)
+    rgb = torch.randn(2000, 3, 16, 16)
     torch.manual_seed(0)
 
     def dropped(state: PromptState) -> torch.Tensor:
         return (state.aux_tokens == 123.0).all(dim=2).all(dim=1)
 
     adapter.train()
-    share = dropped(adapter.initial_state(aux)).float().mean().item()
+    share = dropped(adapter.initial_state(aux, None, rgb)).float().mean().item()
     assert abs(share - 0.3) < 4 * (0.3 * 0.7 / 2000) ** 0.5  # four standard deviations
     adapter.eval()
-    assert not dropped(adapter.initial_state(aux)).any()
+    assert not dropped(adapter.initial_state(aux, None, rgb)).any()
 
 
 def test_training_with_aux_dropout_moves_the_missing_token():
     segmenter = apply_gopt(make_backbone("vit", depth=2), aux_channels=1, num_classes=4, hidden_dim=8,
                            aux_dropout=0.5)
     perturb_adapter(segmenter)  # up-projections off zero, or no gradient reaches the prompters
-    before = segmenter.adapter.missing_aux.detach().clone()
+    names = ("missing_aux", "missing_embed.proj.weight", "missing_embed.norm.weight")
+    before = {name: segmenter.adapter.get_parameter(name).detach().clone() for name in names}
     torch.manual_seed(0)
     train_steps(segmenter, steps=3)
-    assert not torch.equal(before, segmenter.adapter.missing_aux)
+    for name in names:
+        assert not torch.equal(before[name], segmenter.adapter.get_parameter(name)), name
 
 
 def test_aux_dropout_zero_trains_exactly_as_without_the_option(monkeypatch):
@@ -123,7 +138,7 @@ def test_aux_dropout_zero_trains_exactly_as_without_the_option(monkeypatch):
 def test_the_missing_token_is_saved_and_loaded_with_the_adapter(tmp_path):
     segmenter = trained_segmenter()
     path = save_adapter(segmenter, tmp_path / "a.safetensors")
-    assert "missing_aux" in read_adapter_file(path).tensors
+    assert {"missing_aux", "missing_embed.proj.weight"} <= set(read_adapter_file(path).tensors)
     fresh = apply_gopt(make_backbone("vit", depth=2), **DROPOUT).eval()
     load_adapter(fresh, path)
     rgb, _ = family_inputs("vit", batch=2)
@@ -182,8 +197,10 @@ def test_aux_dropout_must_be_a_probability(value):
         GoptConfig(aux_channels=1, num_classes=2, aux_dropout=value)
 
 
-def test_the_missing_mode_costs_one_token_of_width_r():
+def test_the_missing_mode_costs_a_token_and_an_rgb_patch_embedding():
+    """``r`` for the token, ``3 * p * p * r + r`` for the RGB patch conv, ``2 r`` for its LayerNorm."""
     plain = apply_gopt(make_backbone("vit", depth=2), aux_channels=1, num_classes=3)
     robust = apply_gopt(make_backbone("vit", depth=2), aux_channels=1, num_classes=3, aux_dropout=0.2)
     count = lambda s: sum(p.numel() for p in s.adapter.parameters())  # noqa: E731
-    assert count(robust) - count(plain) == robust.config.hidden_dim
+    r, (ph, pw) = robust.config.hidden_dim, robust.spec.patch_size
+    assert count(robust) - count(plain) == r + (3 * ph * pw * r + r) + 2 * r

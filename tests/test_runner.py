@@ -123,6 +123,17 @@ def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
     assert record["trainable_parameters"] == sum(t.numel() for n, t in adapter.tensors.items()
                                                  if "running" not in n and "num_batches" not in n)
     assert adapter.preprocessing is not None and adapter.preprocessing.to_dict() == record["preprocessing"]
+    assert record["missing_mode_calibration"] is None  # no aux-missing mode to calibrate
+
+
+def test_a_run_with_aux_dropout_calibrates_and_saves_the_missing_mode(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert runner.main([*SMALL, "--variant", "gopt_aux_dropout", "--set", "train.epochs=1", "--out", str(out)]) == 0
+    assert "calibrated the aux-missing mode on" in capsys.readouterr().err
+    calibration = read_json(out / "results.json")["missing_mode_calibration"]
+    assert calibration["pixels"] > 0
+    saved = read_adapter_file(out / "adapter.safetensors").tensors["missing_logit_bias"]
+    assert saved.tolist() == pytest.approx(calibration["missing_logit_bias"]) and saved.abs().max() > 0
 
 
 @pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early"])
