@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import IGNORE_INDEX
 from .segmenter import PromptedSegmenter
 
 __all__ = ["CalibrationReport", "calibrate_missing_mode", "fit_class_offsets"]
@@ -79,13 +80,18 @@ class CalibrationReport:
     after: torch.Tensor
 
     def largest_change(self) -> float:
-        """The largest absolute change of a class's predicted share (a summary line's figure)."""
+        """The largest absolute change of a class's predicted share."""
         return float((self.after - self.before).abs().max())
+
+    def summary(self) -> str:
+        """One line for a log: how many pixels, and how far the predicted shares moved."""
+        return (f"calibrated the aux-missing mode on {self.pixels:,} training pixels (largest change of a class's "
+                f"predicted share: {self.largest_change():.3f})")
 
 
 @torch.no_grad()
 def calibrate_missing_mode(segmenter: PromptedSegmenter, dataset, max_samples: int = 1000,
-                           max_pixels: int = 1 << 20, seed: int = 0, ignore_index: int = 255) -> CalibrationReport:
+                           max_pixels: int = 1 << 20, seed: int = 0, ignore_index: int = IGNORE_INDEX) -> CalibrationReport:
     """Fits the active adapter's ``missing_logit_bias`` on ``dataset`` (its training data) and
     stores it in the adapter; returns a :class:`CalibrationReport`.
 
@@ -105,32 +111,40 @@ def calibrate_missing_mode(segmenter: PromptedSegmenter, dataset, max_samples: i
     indices = [i * len(dataset) // count for i in range(count)]
     per_sample = max(1, math.ceil(max_pixels / count))
     generator = torch.Generator().manual_seed(seed)
-    device = adapter.missing_logit_bias.device
     was_training = segmenter.training
-    segmenter.eval()
     saved = adapter.missing_logit_bias.clone()
-    adapter.missing_logit_bias.zero_()  # fit on the uncalibrated logits
-    all_logits, all_labels = [], []
-    try:
-        for index in indices:
-            sample = dataset[index]
-            labels = sample["label"].reshape(-1)  # [H*W]
-            keep = (labels != ignore_index).nonzero().squeeze(1)
-            keep = keep[torch.randperm(keep.numel(), generator=generator)[:per_sample]]
-            logits = segmenter(sample["rgb"][None].to(device), None)[0]  # [K, H, W]
-            all_logits.append(logits.reshape(num_classes, -1)[:, keep.to(device)].T.cpu())  # [n, K]
-            all_labels.append(labels[keep].long())
+    try:  # all-or-nothing: any failure leaves the old offsets and the mode
+        segmenter.eval()
+        adapter.missing_logit_bias.zero_()  # fit on the uncalibrated logits
+        logits, labels = _missing_mode_pixels(segmenter, dataset, indices, per_sample, generator, ignore_index)
+        bias = fit_class_offsets(logits, labels, num_classes)
     except BaseException:
         adapter.missing_logit_bias.copy_(saved)
         raise
     finally:
         segmenter.train(was_training)
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    bias = fit_class_offsets(logits, labels, num_classes)
-    adapter.missing_logit_bias.copy_(bias.to(device))
+    adapter.missing_logit_bias.copy_(bias.to(saved.device))
 
     def shares(scores: torch.Tensor) -> torch.Tensor:
         return torch.bincount(scores.argmax(1), minlength=num_classes).float() / scores.shape[0]
 
     target = torch.bincount(labels, minlength=num_classes).float() / labels.numel()
     return CalibrationReport(bias, labels.numel(), target, shares(logits), shares(logits + bias))
+
+
+def _missing_mode_pixels(segmenter: PromptedSegmenter, dataset, indices: list[int], per_sample: int,
+                         generator: torch.Generator, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits without aux ``[N, K]`` (on the CPU) and labels ``[N]`` of up to ``per_sample``
+    labelled pixels of each sample in ``indices``."""
+    device = segmenter.adapter.missing_logit_bias.device
+    num_classes = segmenter.adapter.config.num_classes
+    all_logits, all_labels = [], []
+    for index in indices:
+        sample = dataset[index]
+        labels = sample["label"].reshape(-1)  # [H*W]
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        keep = keep[torch.randperm(keep.numel(), generator=generator)[:per_sample]]
+        logits = segmenter(sample["rgb"][None].to(device), None)[0]  # [K, H, W]
+        all_logits.append(logits.reshape(num_classes, -1)[:, keep.to(device)].T.cpu())  # [n, K]
+        all_labels.append(labels[keep].long())
+    return torch.cat(all_logits), torch.cat(all_labels)

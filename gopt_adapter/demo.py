@@ -125,9 +125,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[s
     gopt_metrics = Trainer(segmenter, train, num_classes, replace(config.gopt, seed=config.seed, progress=progress),
                            out / "gopt", val_set=val, device="cpu", ctx=Dist()).fit()
     if segmenter.config.has_missing_mode:
-        report = calibrate_missing_mode(segmenter, train)
-        print(f"calibrated the aux-missing mode on {report.pixels:,} training pixels (largest change of a class's "
-              f"predicted share: {report.largest_change():.3f})", file=sys.stderr)
+        print(calibrate_missing_mode(segmenter, train).summary(), file=sys.stderr)
 
     print("[3/4] saving the adapter and reloading it into a fresh segmenter", file=sys.stderr)
     adapter_path = save_adapter(segmenter, out / "gopt_adapter.safetensors")

@@ -360,8 +360,7 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
     if is_gopt and model.config.has_missing_mode and ctx.is_main:  # only the main process saves the adapter
         report = calibrate_missing_mode(model, train_set)
         calibration = {"pixels": report.pixels, "missing_logit_bias": report.bias.tolist()}
-        print(f"calibrated the aux-missing mode on {report.pixels:,} training pixels (largest change of a class's "
-              f"predicted share: {report.largest_change():.3f})", file=sys.stderr)
+        print(report.summary(), file=sys.stderr)
     record = json_safe({  # standard JSON: NaN (a class never seen) becomes null
         "config": {**dataclasses.asdict(config), "train": dataclasses.asdict(config.train)},
         "backbone_init": config.backbone_init,  # weights, pretrained or random_init

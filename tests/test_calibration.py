@@ -115,3 +115,10 @@ def test_calibration_refuses_an_adapter_without_missing_mode_and_keeps_the_bias_
         calibrate_missing_mode(segmenter, broken)
     assert segmenter.adapter.missing_logit_bias.tolist() == [0.5, -0.5, 0.0, 0.0]
     assert segmenter.training  # the mode it was in
+    unlabelled = labelled_samples()
+    for sample in unlabelled:
+        sample["label"] = torch.full_like(sample["label"], 255)  # every pixel ignored: the fit fails
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        calibrate_missing_mode(segmenter, unlabelled)
+    assert segmenter.adapter.missing_logit_bias.tolist() == [0.5, -0.5, 0.0, 0.0]
+    assert segmenter.training
