@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EPS = 1e-6
+#: Added to each group's token count in eq. 10's denominator, as GroupViT does (its
+#: ``assign_eps``). Under hard assignment most groups are empty at a given step; with a tiny
+#: epsilon the straight-through gradient reaching an empty group's assignment column is scaled
+#: by 1/epsilon, which sent AdamW's second moments to infinity on real frames
+#: (docs/method.md, "The merge denominator").
+MERGE_COUNT_OFFSET = 1.0
 
 
 def gumbel_noise_like(logits: torch.Tensor) -> torch.Tensor:
@@ -65,10 +70,15 @@ class GroupingModule(nn.Module):
         return gumbel_assignment(logits, self.tau, self.hard, noise=self.training)
 
     def merge(self, tokens: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 10: ``p_j = c_j + Wo(sum_i A_ij Wv f_i / sum_i A_ij)``; returns ``(p, A)``."""
+        """Eq. 10: ``p_j = c_j + Wo(sum_i A_ij Wv f_i / (sum_i A_ij + 1))``; returns ``(p, A)``.
+
+        The ``+ 1`` (:data:`MERGE_COUNT_OFFSET`) keeps an empty group's prompt at ``c_j +
+        Wo(0)`` with a bounded gradient; for a group of ``n`` tokens it shrinks the mean by
+        ``n / (n + 1)``, which ``Wo`` absorbs.
+        """
         assign = self.assign(tokens, groups)  # [B, S, C]
         pooled = assign.transpose(1, 2) @ self.v(tokens)  # [B, C, r]
-        pooled = pooled / (assign.sum(dim=1).unsqueeze(-1) + EPS)
+        pooled = pooled / (assign.sum(dim=1).unsqueeze(-1) + MERGE_COUNT_OFFSET)
         return groups + self.o(pooled), assign
 
     def dispatch(self, tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gopt_adapter import GoptConfig
-from gopt_adapter.grouping import EPS, GroupingModule, gumbel_assignment, gumbel_noise_like
+from gopt_adapter.grouping import GroupingModule, gumbel_assignment, gumbel_noise_like
 from gopt_adapter.prompter import ClassAwareUniModalPrompter, GroupingPrompter, PromptState
 from gopt_adapter.adapter import GoptAdapter
 from gopt_adapter.backbone import BackboneSpec
@@ -63,7 +63,7 @@ def test_merge_matches_eq_10_written_as_loops():
         for b in range(2):
             for j in range(3):
                 members = values[b][owner[b] == j]
-                pooled = members.sum(0) / (len(members) + EPS)
+                pooled = members.sum(0) / (len(members) + 1)  # GroupViT's count + 1
                 expected = groups[b, j] + module.o.weight @ pooled + module.o.bias
                 torch.testing.assert_close(merged[b, j], expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(assign.argmax(-1), owner)
@@ -200,3 +200,35 @@ def test_without_cup_the_group_prompts_do_not_drift_from_block_to_block():
     assert len(seen) == 12
     for prompts in seen:
         torch.testing.assert_close(prompts, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_empty_groups_under_hard_assignment_keep_gradients_and_adam_states_finite(bf16):
+    """Eq. 10's denominator is ``count + 1``: with ``count + 1e-6`` the straight-through gradient
+    through an empty group is scaled by 1e6 per prompter and, chained over inherited class tokens,
+    overflows AdamW's second moments within a few steps (seen on real MFNet frames)."""
+    from gopt_adapter import apply_gopt
+
+    torch.manual_seed(0)
+    segmenter = apply_gopt(make_backbone(depth=6), aux_channels=1, num_classes=12)  # 12 groups, 16 tokens
+    params = [p for p in segmenter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    rgb, aux = torch.randn(2, 3, 32, 32), torch.randn(2, 1, 32, 32)
+    label = torch.randint(0, 12, (2, 32, 32))
+    usage = []  # groups with at least one aux token, per CUP call
+    for prompter in segmenter.adapter.prompters:
+        prompter.cup.register_forward_hook(lambda m, i, out: usage.append(int((out[2].sum(1) > 0).sum(-1).min())))
+    for _ in range(20):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = segmenter(rgb, aux)
+        loss = torch.nn.functional.cross_entropy(logits.float(), label)
+        optimizer.zero_grad()
+        loss.backward()
+        for param in params:
+            assert param.grad is None or torch.isfinite(param.grad).all()
+        optimizer.step()
+    assert min(usage) < 12  # the condition under test: some groups were empty
+    for param in params:
+        assert torch.isfinite(param).all()
+        state = optimizer.state[param]
+        assert torch.isfinite(state["exp_avg"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
