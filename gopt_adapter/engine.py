@@ -263,8 +263,10 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
              progress: bool = False) -> dict[str, Any]:
     """Full-size evaluation (batch 1, images may differ in size), summed over all ranks.
 
-    Draws nothing from the global RNGs, so evaluating during training leaves the training
-    trajectory unchanged (``eval_every`` may differ on resume).
+    Where ``dataset`` names subsets of its samples (a ``subset_of(stem) -> name | None``
+    method, e.g. MFNet's day and night frames), the result also holds ``"subsets": {name:
+    metrics}``, from the same pass. Draws nothing from the global RNGs, so evaluating during
+    training leaves the training trajectory unchanged (``eval_every`` may differ on resume).
     """
     check_window(window, stride)
     was_training = model.training
@@ -273,6 +275,10 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
     # its own generator: the loader's base seed would otherwise come from torch's global RNG
     loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0, generator=torch.Generator())
     metrics = SegMetrics(num_classes, IGNORE_INDEX, device=device)
+    subset_of = getattr(dataset, "subset_of", None)
+    names = {subset_of(files.stem) for files in dataset.samples} - {None} if subset_of is not None else set()
+    # every rank holds every name, seen or not: the sync is a collective
+    subsets = {name: SegMetrics(num_classes, IGNORE_INDEX, device=device) for name in sorted(names)}
     autocast = _autocast(device, amp)
     for batch in terminal_progress(loader, "eval", progress and ctx.is_main):
         rgb, aux = batch["rgb"].to(device), batch["aux"].to(device)
@@ -281,10 +287,19 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
                 logits = sliding_window_logits(model, rgb, aux, num_classes, window, stride)
             else:
                 logits = model(rgb, aux)
-        metrics.update(logits.argmax(1), batch["label"].to(device))
-    metrics.sync()
+        prediction, label = logits.argmax(1), batch["label"].to(device)
+        metrics.update(prediction, label)
+        if subsets:
+            name = subset_of(batch["meta"]["stem"][0])
+            if name is not None:
+                subsets[name].update(prediction, label)
+    result = {}
+    for name, accumulator in (("", metrics), *subsets.items()):
+        accumulator.sync()
+        result[name] = accumulator.compute()
     model.train(was_training)
-    return metrics.compute()
+    overall = result.pop("")
+    return {**overall, "subsets": result} if result else overall
 
 
 AMP_DEVICES = ("cuda", "cpu")

@@ -28,6 +28,7 @@ from gopt_adapter.engine import (
     trainable_state_dict,
     window_starts,
 )
+from gopt_adapter.metrics import SegMetrics
 from gopt_adapter.transforms import build_transforms, default_train_config
 from conftest import make_backbone, perturb_adapter
 
@@ -336,3 +337,41 @@ def test_ddp_accumulates_without_sync_and_logs_the_loss_averaged_over_ranks(tmp_
     losses = [r["loss"] for r in read_log(tmp_path / LOG_NAME) if r["event"] == "train"]
     right, wrong = math.log1p(math.exp(-10)), 10 + math.log1p(math.exp(-10))  # rank 0's and rank 1's loss
     assert len(losses) == steps and losses == pytest.approx([(right + wrong) / 2] * steps, rel=1e-5)
+
+
+class DayNightData(torch.utils.data.Dataset):
+    """Six 4x4 samples with stems ``0D``, ``1N``, ``2D``, ... (MFNet's day/night naming); the
+    rgb value is the class :class:`ConstantClass` predicts, the label one fixed pattern."""
+
+    def __init__(self):
+        self.samples = [type("Files", (), {"stem": f"{i}{'DN'[i % 2]}"})() for i in range(6)]
+
+    @staticmethod
+    def subset_of(stem):
+        return {"D": "day", "N": "night"}.get(stem[-1])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        label = torch.tensor([[0, 1, 2, 1]] * 4)
+        return {"rgb": torch.full((3, 4, 4), float(index % 3)), "aux": torch.zeros(1, 4, 4), "label": label,
+                "meta": {"stem": self.samples[index].stem}}
+
+
+class ConstantClass(torch.nn.Module):
+    def forward(self, rgb, aux):
+        return torch.nn.functional.one_hot(rgb[:, 0].long(), 3).permute(0, 3, 1, 2).float()  # [B, 3, H, W]
+
+
+def test_evaluation_reports_each_named_subset_from_the_same_pass():
+    data = DayNightData()
+    metrics = evaluate(ConstantClass(), data, 3)
+    for name, indices in (("day", [0, 2, 4]), ("night", [1, 3, 5])):
+        reference = SegMetrics(3)
+        for index in indices:  # predicted class = index % 3 everywhere
+            sample = data[index]
+            reference.update(torch.full((4, 4), index % 3), sample["label"])
+        assert metrics["subsets"][name] == reference.compute()
+    assert metrics["total"] == metrics["subsets"]["day"]["total"] + metrics["subsets"]["night"]["total"]
+    assert "subsets" not in evaluate(ConstantClass(), torch.utils.data.Subset(data, range(6)), 3)

@@ -86,6 +86,12 @@ class MFNet(FileSegDataset):
         self.layout = layout
         super().__init__(root_path, split, transform)
 
+    @staticmethod
+    def subset_of(stem: str) -> str | None:
+        """``"day"`` or ``"night"`` from the stem's last letter (MFNet names ``00101D``,
+        ``00701N``), ``None`` for any other stem: the two halves MFNet results are reported on."""
+        return {"D": "day", "N": "night"}.get(stem[-1:].upper())
+
     def _label_mapping(self) -> Mapping[int, int]:
         if self.count_unlabeled:
             return {k: k for k in range(9)}
