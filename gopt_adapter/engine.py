@@ -175,8 +175,9 @@ def poly_lr_factor(step: int, total_steps: int, warmup_steps: int, power: float)
     return max(0.0, 1.0 - progress) ** power
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and the buffers of the modules that own them (e.g. BatchNorm stats)."""
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live trainable parameters and the buffers of the modules that own them (e.g.
+    BatchNorm statistics), by state-dict name."""
     state = {}
     for module_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -185,8 +186,13 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{module_name}." if module_name else ""
         for name, tensor in [*own, *module.named_buffers(recurse=False)]:
             if not isinstance(tensor, nn.Parameter) or tensor.requires_grad:
-                state[prefix + name] = tensor.detach().clone()
+                state[prefix + name] = tensor
     return state
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of :func:`trainable_tensors`: what a checkpoint or ``trained.safetensors`` holds."""
+    return {name: tensor.detach().clone() for name, tensor in trainable_tensors(model).items()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -365,8 +371,8 @@ class Trainer:
     redone, not counted.
 
     An optimizer step whose loss (averaged over ranks) or any gradient holds a NaN or an inf is
-    skipped: no optimizer update (weights and AdamW moments stay finite), but the schedule and
-    the step count advance, so later steps keep the rates of an uninterrupted run. Each skip is
+    skipped: no optimizer update (weights and AdamW moments stay finite), the buffers its forward
+    passes moved (BatchNorm statistics) are restored, but the schedule and the step count advance, so later steps keep the rates of an uninterrupted run. Each skip is
     counted in ``nonfinite_steps``, logged (a ``"nonfinite"`` record naming the parameters) and
     warned about on stderr; ``max_nonfinite_steps`` in a row raise :class:`NonFiniteError`.
     """
@@ -395,6 +401,8 @@ class Trainer:
         params = [p for _, p in self._trainable]
         if not params:
             raise ValueError("the model has no parameter that requires grad: nothing to train")
+        # what a step's forward passes move (BatchNorm statistics): put back when the step is skipped
+        self._step_buffers = [t for t in trainable_tensors(model).values() if not isinstance(t, nn.Parameter)]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = DistributedSampler(train_set, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                           shuffle=True, seed=config.seed, drop_last=True)
@@ -668,6 +676,8 @@ class Trainer:
             if index >= self.steps_per_epoch * config.grad_accum:
                 break
             final = (index + 1) % config.grad_accum == 0
+            if index % config.grad_accum == 0:  # a step begins
+                buffers_before = [buffer.clone() for buffer in self._step_buffers]
             rgb = batch["rgb"].to(self.device, non_blocking=True)
             aux = batch["aux"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
@@ -692,6 +702,8 @@ class Trainer:
                 self.optimizer.step()
                 self.nonfinite_streak = 0
             else:
+                if self._step_buffers:  # the statistics of NaN activations would poison every later evaluation
+                    torch._foreach_copy_(self._step_buffers, buffers_before)
                 self._record_nonfinite(epoch + 1, step_loss, nonfinite)  # raises after too many in a row
             self.optimizer.zero_grad(set_to_none=True)
             self._advance_schedule(skipped=nonfinite is not None)

@@ -276,20 +276,22 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------ non-finite steps
 class NanOnCalls(PixelModel):
-    """A :class:`PixelModel` whose training forward returns NaN logits on the chosen calls
+    """A :class:`PixelModel` with a BatchNorm whose input is NaN in training on the chosen calls
     (1-based; with ``grad_accum=2`` calls ``2s-1`` and ``2s`` make optimizer step ``s``)."""
 
     def __init__(self, nan_calls, num_classes):
         super().__init__()
         self.conv = torch.nn.Conv2d(4, num_classes, 1)  # RGB and 1 depth channel
+        self.bn = torch.nn.BatchNorm2d(num_classes)
         self.nan_calls, self.calls = set(nan_calls), 0
 
     def forward(self, rgb, aux):
-        logits = super().forward(rgb, aux)
-        if not self.training:
-            return logits
-        self.calls += 1
-        return logits * float("nan") if self.calls in self.nan_calls else logits
+        features = super().forward(rgb, aux)
+        if self.training:
+            self.calls += 1
+            if self.calls in self.nan_calls:
+                features = features * float("nan")
+        return self.bn(features)
 
 
 def nan_trainer(out, nan_calls, epochs=1, **overrides):
@@ -301,21 +303,24 @@ def nan_trainer(out, nan_calls, epochs=1, **overrides):
     return Trainer(model, train, len(train.class_names), config, out, val_set=val, device="cpu", ctx=Dist())
 
 
-def test_a_nan_step_is_skipped_counted_logged_and_leaves_weights_and_adamw_finite(tmp_path, capsys):
+def test_a_nan_step_is_skipped_counted_logged_and_leaves_weights_statistics_and_adamw_finite(tmp_path, capsys):
     trainer = nan_trainer(tmp_path, nan_calls={4})  # step 2's second micro-batch
     trainer.fit()
     assert trainer.step == 4 and trainer.nonfinite_steps == 1
     adam = [trainer.optimizer.state[p] for p in trainer.model.parameters()]
     assert all(int(state["step"]) == 3 for state in adam)  # the optimizer stepped 3 times, not 4
     assert trainer.scheduler.last_epoch == 4  # the schedule moved on
-    finite = [*trainer.model.parameters(), *(s[k] for s in adam for k in ("exp_avg", "exp_avg_sq"))]
-    assert all(torch.isfinite(t).all() for t in finite)
+    finite = [*trainer.model.state_dict().values(), *(s[k] for s in adam for k in ("exp_avg", "exp_avg_sq"))]
+    assert all(torch.isfinite(t).all() for t in finite)  # weights, BatchNorm statistics and AdamW moments
+    assert int(trainer.model.bn.num_batches_tracked) == 6  # the skipped step's 2 batches undone
     records = read_log(tmp_path / LOG_NAME)
+    parameters = ["conv.weight", "conv.bias", "bn.weight", "bn.bias"]
     assert [r for r in records if r["event"] == "nonfinite"] == [
-        {"event": "nonfinite", "epoch": 1, "step": 2, "loss": None, "parameters": ["conv.weight", "conv.bias"]}]
+        {"event": "nonfinite", "epoch": 1, "step": 2, "loss": None, "parameters": parameters}]
     assert [r["nonfinite_steps"] for r in records if r["event"] == "train"] == [0, 1, 1, 1]
     err = capsys.readouterr().err
-    assert "warning: step 2 (epoch 1): non-finite gradients of conv.weight, conv.bias; optimizer step skipped" in err
+    assert ("warning: step 2 (epoch 1): non-finite gradients of conv.weight, conv.bias, bn.weight and 1 more; "
+            "optimizer step skipped (1 in a row, 5 stop the run)") in err
     resumed = nan_trainer(tmp_path, nan_calls=())
     assert resumed.load_checkpoint() and resumed.nonfinite_steps == 1  # the count survives a resume
 
