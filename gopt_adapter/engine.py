@@ -371,10 +371,11 @@ class Trainer:
     redone, not counted.
 
     An optimizer step whose loss (averaged over ranks) or any gradient holds a NaN or an inf is
-    skipped: no optimizer update (weights and AdamW moments stay finite), the buffers its forward
-    passes moved (BatchNorm statistics) are restored, but the schedule and the step count advance, so later steps keep the rates of an uninterrupted run. Each skip is
-    counted in ``nonfinite_steps``, logged (a ``"nonfinite"`` record naming the parameters) and
-    warned about on stderr; ``max_nonfinite_steps`` in a row raise :class:`NonFiniteError`.
+    skipped: no optimizer update (weights and AdamW moments stay finite) and the buffers its
+    forward passes moved (BatchNorm statistics) restored, but the schedule and the step count
+    advance, so later steps keep the rates of an uninterrupted run. Each skip is counted in
+    ``nonfinite_steps``, logged (a ``"nonfinite"`` record naming the parameters) and warned
+    about on stderr; ``max_nonfinite_steps`` in a row raise :class:`NonFiniteError`.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, num_classes: int, config: TrainConfig,

@@ -76,6 +76,11 @@ def with_logits(build_variant, edit):
     return build
 
 
+def nan_logits(logits):
+    """Logits turned NaN, for :func:`with_logits`: a run that diverges from its first step."""
+    return logits * float("nan")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads; on a shared 2-core machine they only spin."""

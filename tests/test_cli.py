@@ -19,7 +19,7 @@ from gopt_adapter import __version__, apply_gopt, count_parameters, save_adapter
 from gopt_adapter import recipe
 from gopt_adapter.cli import main
 from gopt_adapter.visualize import class_palette, colormap
-from conftest import with_logits
+from conftest import nan_logits, with_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -292,7 +292,7 @@ def test_train_then_eval(tmp_path, capsys, monkeypatch):
 def test_a_diverging_run_ends_in_one_error_line_and_writes_no_adapter(tmp_path, capsys, monkeypatch):
     """NonFiniteError is a RuntimeError, yet gopt train reports it as an error to act on (status
     2), not as a bug (status 1)."""
-    monkeypatch.setattr(recipe, "build_variant", with_logits(recipe.build_variant, lambda logits: logits * float("nan")))
+    monkeypatch.setattr(recipe, "build_variant", with_logits(recipe.build_variant, nan_logits))
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--set", "train.max_nonfinite_steps=1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()

@@ -16,7 +16,7 @@ from benchmarks import run as runner
 from gopt_adapter import read_adapter_file
 from gopt_adapter import recipe
 from gopt_adapter.metrics import SegMetrics
-from conftest import with_logits
+from conftest import nan_logits, with_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", "synthetic", "--device", "cpu", "--set", "train.progress=false", "--set", "train.log_every=1",
@@ -169,7 +169,7 @@ def test_the_single_class_warning_needs_one_predicted_class():
 
 
 def test_a_diverging_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(recipe, "build_variant", with_logits(recipe.build_variant, lambda logits: logits * float("nan")))
+    monkeypatch.setattr(recipe, "build_variant", with_logits(recipe.build_variant, nan_logits))
     out = tmp_path / "run"
     assert runner.main([*SMALL, "--set", "train.max_nonfinite_steps=2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
