@@ -43,6 +43,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .backbone import BackboneSpec
 from .config import GoptConfig
+from .numerics import check_finite
 from .preprocessing import Preprocessing, check_aux_channels
 from .version import __version__
 
@@ -112,8 +113,11 @@ def seal(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> by
 
     The checksum covers the data section as safetensors lays it out, so the file is written
     once without it to learn that layout; offsets are relative to the data section, so adding
-    the checksum to the header moves nothing.
+    the checksum to the header moves nothing. Raises :class:`AdapterError` naming the tensors
+    that hold NaN or inf values (checked here, after any cast: a float32 weight beyond float16's
+    range becomes inf in a float16 file), so no adapter file ever holds one.
     """
+    check_finite(tensors, AdapterError)
     metadata = {k: v for k, v in metadata.items() if k != "checksum"}
     header, body = _split(save_safetensors_bytes(dict(tensors), metadata=metadata), Path("<memory>"))
     sealed = save_safetensors_bytes(dict(tensors), metadata={**metadata, "checksum": _checksum(metadata, header, body)})

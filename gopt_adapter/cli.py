@@ -1,10 +1,11 @@
 """The ``gopt`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``inspect``, ``export``.
 
 Errors a person can act on (a missing or undecodable image, RGB and aux of different
-sizes, an adapter made for another backbone, a bad option, any ``OSError`` or
-``ValueError``) are printed as one line, ``error: <what>. <how to fix>``, on stderr with exit
-status 2. Any other exception is a bug: one line naming its type, message and where it was
-raised, exit status 1. ``--debug`` (anywhere on the command line) shows the traceback instead.
+sizes, an adapter made for another backbone, a bad option, a training run that diverged,
+any ``OSError`` or ``ValueError``) are printed as one line, ``error: <what>. <how to fix>``,
+on stderr with exit status 2. Any other exception is a bug: one line naming its type, message
+and where it was raised, exit status 1. ``--debug`` (anywhere on the command line) shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -294,6 +295,7 @@ def _demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 def _train(rest: list[str]) -> int:
     from . import recipe
+    from .engine import NonFiniteError
 
     try:
         args = recipe.parse_args(rest, "gopt train")
@@ -306,6 +308,8 @@ def _train(rest: list[str]) -> int:
         record = recipe.run(config, resume=args.resume, device=args.device)
     except recipe.UsageError as exc:
         raise CliError(str(exc), "See gopt train --help") from None
+    except NonFiniteError as exc:  # a RuntimeError, but a diverged run, not a bug: no bug report
+        raise CliError(str(exc)) from None
     finally:
         recipe.shutdown_distributed()
     print(json.dumps({k: v for k, v in record["metrics"].items() if isinstance(v, float)}))

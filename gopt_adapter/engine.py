@@ -10,7 +10,8 @@ checkpoint after every epoch; ``resume=True`` continues from it, reproducing the
 uninterrupted run exactly (data order, Gumbel noise and transforms all draw from RNG states
 stored in the checkpoint). Resuming loads the checkpoint strictly and refuses settings that
 would change the trajectory; the log is cut back to the checkpoint, and the last metrics,
-wall time and throughput carry over.
+wall time and throughput carry over. A step whose loss or gradients are not finite is skipped
+and counted; too many in a row stop the run with :class:`NonFiniteError`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -37,20 +39,30 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .files import atomic_write_bytes
 from .metrics import SegMetrics
+from .numerics import finite_flags, shown
 
 IGNORE_INDEX = 255
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 
 #: TrainConfig fields that may differ between a checkpoint and the run resuming it: they only
-#: change what is logged, evaluated or shown (evaluation draws from its own RNG), never the
-#: training trajectory. Every other field (``num_workers`` too: transforms draw from per-worker
+#: change what is logged, evaluated or shown (evaluation draws from its own RNG), or, for
+#: ``max_nonfinite_steps``, whether a run stops, never what any step computes (a skipped step is
+#: skipped under every limit; raising the limit lets a run that stopped resume past the steps
+#: that stopped it). Every other field (``num_workers`` too: transforms draw from per-worker
 #: RNGs; ``amp``/``compile``/``grad_checkpointing``: numerics) must match.
-RESUME_FREE_FIELDS = frozenset({"eval_every", "eval_window", "eval_stride", "log_every", "progress"})
+RESUME_FREE_FIELDS = frozenset({"eval_every", "eval_window", "eval_stride", "log_every", "progress",
+                                "max_nonfinite_steps"})
+NONFINITE_LOGGED_NAMES = 10  # parameter names in a "nonfinite" log record
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed by this run (other model, other settings)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped: ``max_nonfinite_steps`` optimizer steps in a row had a non-finite loss
+    or gradients. The checkpoint of the last completed epoch is left as it was."""
 
 
 def check_window(window: int | None, stride: int | None, prefix: str = "") -> None:
@@ -90,9 +102,10 @@ class TrainConfig:
     eval_stride: int | None = None  # None = eval_window (no overlap)
     log_every: int = 10  # optimizer steps
     progress: bool = True
+    max_nonfinite_steps: int = 5  # skipped non-finite steps in a row that stop the run (NonFiniteError)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "num_workers", "eval_every", "seed"):
@@ -162,8 +175,9 @@ def poly_lr_factor(step: int, total_steps: int, warmup_steps: int, power: float)
     return max(0.0, 1.0 - progress) ** power
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and the buffers of the modules that own them (e.g. BatchNorm stats)."""
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live trainable parameters and the buffers of the modules that own them (e.g.
+    BatchNorm statistics), by state-dict name."""
     state = {}
     for module_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -172,8 +186,13 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{module_name}." if module_name else ""
         for name, tensor in [*own, *module.named_buffers(recurse=False)]:
             if not isinstance(tensor, nn.Parameter) or tensor.requires_grad:
-                state[prefix + name] = tensor.detach().clone()
+                state[prefix + name] = tensor
     return state
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of :func:`trainable_tensors`: what a checkpoint or ``trained.safetensors`` holds."""
+    return {name: tensor.detach().clone() for name, tensor in trainable_tensors(model).items()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -362,8 +381,16 @@ class Trainer:
 
     Besides the weights, the trainer carries over resumes: ``metrics`` (the last evaluation)
     and ``metrics_epoch``, ``wall_seconds`` (time spent in :meth:`fit`, summed over sessions
-    up to the last checkpoint), and ``train_images`` / ``train_seconds`` (over all ranks, for
-    throughput). Work after the last checkpoint of a killed session is redone, not counted.
+    up to the last checkpoint), ``train_images`` / ``train_seconds`` (over all ranks, for
+    throughput) and ``nonfinite_steps``. Work after the last checkpoint of a killed session is
+    redone, not counted.
+
+    An optimizer step whose loss (averaged over ranks) or any gradient holds a NaN or an inf is
+    skipped: no optimizer update (weights and AdamW moments stay finite) and the buffers its
+    forward passes moved (BatchNorm statistics) restored, but the schedule and the step count
+    advance, so later steps keep the rates of an uninterrupted run. Each skip is counted in
+    ``nonfinite_steps``, logged (a ``"nonfinite"`` record naming the parameters) and warned
+    about on stderr; ``max_nonfinite_steps`` in a row raise :class:`NonFiniteError`.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, num_classes: int, config: TrainConfig,
@@ -386,9 +413,12 @@ class Trainer:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self._trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in self._trainable]
         if not params:
             raise ValueError("the model has no parameter that requires grad: nothing to train")
+        # what a step's forward passes move (BatchNorm statistics): put back when the step is skipped
+        self._step_buffers = [t for t in trainable_tensors(model).values() if not isinstance(t, nn.Parameter)]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = DistributedSampler(train_set, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                           shuffle=True, seed=config.seed, drop_last=True)
@@ -406,6 +436,7 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.train_images, self.train_seconds = 0, 0.0  # over all ranks, for throughput
         self.wall_seconds = 0.0
+        self.nonfinite_steps, self.nonfinite_streak = 0, 0  # skipped steps: in all, and in a row now
         self._session = (time.perf_counter(), 0)  # start time and step of this fit(), for the ETA
         self.metrics: dict[str, Any] = {}
         self.metrics_epoch: int | None = None  # the epoch self.metrics were measured after
@@ -447,6 +478,8 @@ class Trainer:
             "wall_seconds": self.wall_seconds,
             "train_images": self.train_images,
             "train_seconds": self.train_seconds,
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_streak": self.nonfinite_streak,
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -487,6 +520,7 @@ class Trainer:
         self.metrics, self.metrics_epoch = state.get("metrics", {}), state.get("metrics_epoch")
         self.wall_seconds = state.get("wall_seconds", 0.0)
         self.train_images, self.train_seconds = state.get("train_images", 0), state.get("train_seconds", 0.0)
+        self.nonfinite_steps, self.nonfinite_streak = state.get("nonfinite_steps", 0), state.get("nonfinite_streak", 0)
         _set_rng_state(state["rng"])
         return True
 
@@ -593,12 +627,55 @@ class Trainer:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over all ranks (every rank takes part), on the device."""
         if self.ctx.world_size > 1:
             value = value.detach().clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
             value /= self.ctx.world_size
-        return float(value)
+        return value
+
+    def _nonfinite_parameters(self, loss: torch.Tensor) -> list[str] | None:
+        """``None`` when ``loss`` and every gradient are finite; else the names of the parameters
+        whose gradients are not (empty when the loss alone is not). One device sync per optimizer
+        step. Every rank decides alike: ``loss`` is the mean over ranks, gradients all-reduced."""
+        named = [(name, p.grad) for name, p in self._trainable if p.grad is not None]
+        loss_ok, *grads_ok = finite_flags([loss, *(grad for _, grad in named)])
+        if loss_ok and all(grads_ok):
+            return None
+        return [name for (name, _), ok in zip(named, grads_ok) if not ok]
+
+    def _record_nonfinite(self, epoch: int, loss: torch.Tensor, parameters: list[str]) -> None:
+        """Counts a skipped step, logs it (a JSONL record and a stderr line) and raises
+        :class:`NonFiniteError` when ``max_nonfinite_steps`` steps in a row were skipped."""
+        self.nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        step, limit = self.step + 1, self.config.max_nonfinite_steps  # numbered as the train records are
+        self.log({"event": "nonfinite", "epoch": epoch, "step": step, "loss": float(loss),
+                  "parameters": parameters[:NONFINITE_LOGGED_NAMES]})
+        where = f"gradients of {shown(parameters, 3)}" if parameters else "loss (the gradients are finite)"
+        if self.ctx.is_main:
+            print(f"warning: step {step} (epoch {epoch}): non-finite {where}; optimizer step skipped "
+                  f"({self.nonfinite_streak} in a row, {limit} stop the run)", file=sys.stderr, flush=True)
+        if self.nonfinite_streak < limit:
+            return
+        kept = (f"the last good checkpoint {self.checkpoint_path} (epoch {self.epoch}) is kept" if self.epoch
+                else "no checkpoint was written (no epoch completed)")
+        raise NonFiniteError(f"training stopped at step {step} (epoch {epoch}): {limit} optimizer steps in a row "
+                             f"had a non-finite {where}; {kept}; lower the learning rate or set clip_grad_norm "
+                             "and train again")
+
+    def _advance_schedule(self, skipped: bool) -> None:
+        """One step of the LR schedule, for a skipped optimizer step too (the schedule is a
+        function of the step index). torch warns when the scheduler steps before the optimizer
+        ever has, as after a skipped first step: deliberate here, so silenced, and only then
+        (changing the warning filters every step would show once-only warnings again)."""
+        if not skipped:
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
 
     def train_epoch(self, epoch: int) -> None:
         config = self.config
@@ -615,6 +692,8 @@ class Trainer:
             if index >= self.steps_per_epoch * config.grad_accum:
                 break
             final = (index + 1) % config.grad_accum == 0
+            if index % config.grad_accum == 0:  # a step begins
+                buffers_before = [buffer.clone() for buffer in self._step_buffers]
             rgb = batch["rgb"].to(self.device, non_blocking=True)
             aux = batch["aux"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
@@ -630,18 +709,26 @@ class Trainer:
             seen += rgb.shape[0] * self.ctx.world_size
             if not final:
                 continue
-            if config.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+            step_loss = self._mean_over_ranks(running)  # [] the step's loss, every rank takes part
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-            self.optimizer.step()
+            nonfinite = self._nonfinite_parameters(step_loss)
+            if nonfinite is None:
+                if config.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+                self.optimizer.step()
+                self.nonfinite_streak = 0
+            else:
+                if self._step_buffers:  # the statistics of NaN activations would poison every later evaluation
+                    torch._foreach_copy_(self._step_buffers, buffers_before)
+                self._record_nonfinite(epoch + 1, step_loss, nonfinite)  # raises after too many in a row
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            self._advance_schedule(skipped=nonfinite is not None)
             self.step += 1
             if self.step % config.log_every == 0 or self.step % self.steps_per_epoch == 0:
-                loss_value = self._mean_over_ranks(running)  # every rank takes part
+                loss_value = float(step_loss)
                 elapsed = time.perf_counter() - start
-                self.log({"event": "train", "epoch": epoch + 1, "step": self.step, "loss": loss_value,
-                          "lr": lr, "images_per_s": seen / max(elapsed, 1e-9)})
+                self.log({"event": "train", "epoch": epoch + 1, "step": self.step, "loss": loss_value, "lr": lr,
+                          "images_per_s": seen / max(elapsed, 1e-9), "nonfinite_steps": self.nonfinite_steps})
                 self._print_progress(epoch + 1, loss_value, lr, seen / max(elapsed, 1e-9))
             running = torch.zeros((), device=self.device)
         self.train_images += seen

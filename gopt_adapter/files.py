@@ -15,6 +15,8 @@ from typing import Mapping
 import torch
 from safetensors.torch import save as save_safetensors
 
+from .numerics import check_finite
+
 
 def _umask() -> int:
     """The process umask, read without changing it where Linux allows (no window in which
@@ -61,7 +63,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def tensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """A state dict as safetensors bytes (tensors detached, moved to the CPU, made contiguous)."""
+    """A state dict as safetensors bytes (tensors detached, moved to the CPU, made contiguous).
+
+    Raises :class:`~gopt_adapter.numerics.NonFiniteTensorError` naming the tensors that hold
+    NaN or inf values: weights like that are never written.
+    """
+    check_finite(tensors)
     return save_safetensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
 
 

@@ -26,6 +26,8 @@ class SegMetrics:
       predicted but absent from the ground truth has IoU 0 and counts.
     * ``kappa`` = (p_o - p_e) / (1 - p_e), p_o = OA, p_e = sum_k row_k col_k / total^2;
       defined as 1.0 when p_e = 1 and p_o = 1 (a single class everywhere, all correct).
+    * ``predicted_pixels[k]`` = column sum (pixels predicted as ``k``); ``predicted_classes`` =
+      the number of classes predicted at all: 1 flags a collapsed model (one class everywhere).
 
     All values are fractions (multiply by 100 for the paper's percent); they lie in [0, 1]
     except kappa, which lies in [-1, 1] and is negative only for worse-than-chance
@@ -104,15 +106,17 @@ class SegMetrics:
         dist.all_reduce(self.confmat, op=dist.ReduceOp.SUM, group=group)
 
     def compute(self) -> dict[str, Any]:
-        """Return ``pixel_acc, oa, mean_acc, aa, miou, kappa`` (floats) and ``iou, acc``
-        (per-class lists of floats, ``nan`` where undefined) plus ``total`` pixels."""
+        """Return ``pixel_acc, oa, mean_acc, aa, miou, kappa`` (floats), ``iou, acc`` (per-class
+        lists of floats, ``nan`` where undefined), ``predicted_pixels`` (per-class ints),
+        ``predicted_classes`` and ``total`` pixels."""
         k = self.num_classes
         cm = (self.confmat if self.confmat is not None else torch.zeros(k, k, dtype=torch.int64)).double().cpu()
         total = float(cm.sum())
         nan = float("nan")
         if total == 0:
             return {"pixel_acc": nan, "oa": nan, "mean_acc": nan, "aa": nan, "miou": nan, "kappa": nan,
-                    "iou": [nan] * k, "acc": [nan] * k, "total": 0}
+                    "iou": [nan] * k, "acc": [nan] * k, "predicted_pixels": [0] * k, "predicted_classes": 0,
+                    "total": 0}
         diag = cm.diagonal()
         rows, cols = cm.sum(1), cm.sum(0)  # ground-truth and prediction counts per class
         union = rows + cols - diag
@@ -132,6 +136,8 @@ class SegMetrics:
             "kappa": kappa,
             "iou": [float(v) for v in iou],
             "acc": [float(v) for v in acc],
+            "predicted_pixels": [int(v) for v in cols],
+            "predicted_classes": int((cols > 0).sum()),
             "total": int(total),
         }
 

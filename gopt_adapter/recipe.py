@@ -10,7 +10,8 @@ for ``folder``) and are overridden by the flags. The backbone's weights must be 
 explicitly: ``--weights FILE`` (local ``.safetensors`` / ``.pth``), ``--pretrained`` (timm's
 download) or ``--random-init`` (from scratch, on purpose; the synthetic config sets it).
 Launch with ``torchrun --nproc_per_node N`` for DDP. Every input is checked before any
-training starts (a bad one ends in one ``error: ...`` line, exit status 2); ``--resume``
+training starts (a bad one ends in one ``error: ...`` line, exit status 2, as does a run that
+diverges: :class:`~gopt_adapter.engine.NonFiniteError`); ``--resume``
 continues an interrupted run from its last checkpoint, or re-reports a finished one. GoPT
 variants leave their adapter file (``adapter.safetensors``, with the dataset's preprocessing,
 class names and the backbone's timm name and kwargs, so ``gopt predict`` / ``gopt eval`` need
@@ -39,6 +40,7 @@ from .calibration import calibrate_missing_mode
 from .datasets import DATASETS, get_dataset
 from .engine import (
     CheckpointError,
+    NonFiniteError,
     TrainConfig,
     Trainer,
     default_device,
@@ -326,8 +328,25 @@ def resolve_device(name: str | None, ctx) -> torch.device:
     return device
 
 
+def single_class_warning(metrics: dict[str, Any], class_names: list[str]) -> str | None:
+    """The one-line warning for a model that predicts a single class on every evaluated pixel
+    (a collapsed run: its mIoU may still look plausible on an imbalanced split), else ``None``."""
+    pixels = metrics.get("predicted_pixels")
+    if metrics.get("predicted_classes") != 1 or not pixels:  # also: metrics of a checkpoint without them
+        return None
+    only = next(index for index, count in enumerate(pixels) if count)
+    return (f"warning: the trained model predicts only class {only} ({class_names[only]!r}) on all "
+            f"{metrics['total']:,} validation pixels; check the labels and the class balance, or lower the "
+            "learning rate")
+
+
 def run(config: RunConfig, resume: bool = False, device: str | None = None) -> dict[str, Any]:
-    """Trains and evaluates; returns (and on rank 0 writes) the results record."""
+    """Trains and evaluates; returns (and on rank 0 writes) the results record.
+
+    Raises :class:`UsageError` for bad inputs and :class:`~gopt_adapter.engine.NonFiniteError`
+    when the training diverges (then nothing but the log and the last epoch's checkpoint is
+    left in ``config.out``); warns on stderr when the model predicts one class everywhere.
+    """
     check_backbone_init(config)
     ctx = init_distributed()
     seed_everything(config.train.seed)  # random-init backbones and adapter inits are reproducible
@@ -356,6 +375,9 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         raise UsageError(str(exc)) from None
     finally:
         trainer.close()
+    warning = single_class_warning(metrics, list(train_set.class_names))
+    if warning and ctx.is_main:
+        print(warning, file=sys.stderr)
     calibration = None
     if is_gopt and model.config.has_missing_mode and ctx.is_main:  # only the main process saves the adapter
         report = calibrate_missing_mode(model, train_set)
@@ -371,6 +393,7 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         # summed over the sessions of a resumed run (up to each one's last checkpoint)
         "wall_time_s": trainer.wall_seconds,
         "train_images_per_s": trainer.train_images / trainer.train_seconds if trainer.train_seconds > 0 else None,
+        "nonfinite_steps": trainer.nonfinite_steps,  # optimizer steps skipped for a NaN/inf loss or gradient
         "hardware": hardware(target),
         "world_size": ctx.world_size,
         "class_names": list(train_set.class_names),
@@ -388,12 +411,13 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
 
 
 def main(argv=None, prog: str = "gopt train") -> int:
-    """Parses, validates, trains and evaluates; a bad input ends in one ``error:`` line, status 2."""
+    """Parses, validates, trains and evaluates; a bad input or a diverged run ends in one
+    ``error:`` line, status 2."""
     args = parse_args(argv, prog)
     try:
         config = load_run_config(args)
         record = run(config, resume=args.resume, device=args.device)
-    except UsageError as exc:
+    except (UsageError, NonFiniteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

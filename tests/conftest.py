@@ -64,6 +64,23 @@ def perturb_adapter(segmenter, std: float = 0.05, seed: int = 0) -> None:
                 buffer.add_(torch.rand(buffer.shape, generator=generator) * std)
 
 
+def with_logits(build_variant, edit):
+    """``build_variant`` whose models pass their logits through ``edit`` (a forward hook): a
+    model that diverges or collapses on demand, trained by the real recipe."""
+
+    def build(*args, **kwargs):
+        model = build_variant(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, logits: edit(logits))
+        return model
+
+    return build
+
+
+def nan_logits(logits):
+    """Logits turned NaN, for :func:`with_logits`: a run that diverges from its first step."""
+    return logits * float("nan")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads; on a shared 2-core machine they only spin."""

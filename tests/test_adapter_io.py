@@ -395,6 +395,24 @@ def test_failed_write_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     read_adapter_file(path)
 
 
+@pytest.mark.parametrize("value, dtype", [(float("nan"), None), (float("-inf"), None), (1e6, torch.float16)])
+def test_non_finite_weights_are_never_written(tmp_path, value, dtype):
+    """A NaN or inf weight (or one that only overflows in the file's dtype: 1e6 is inf in
+    float16) is refused with AdapterError naming it: no new file, an old one left as it was."""
+    segmenter = trained(CONFIGS["default"])
+    old, fresh = tmp_path / "old.safetensors", tmp_path / "fresh.safetensors"
+    save_adapter(segmenter, old, dtype=dtype)
+    original = old.read_bytes()
+    name, param = next(iter(segmenter.adapter.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = value
+    for path in (old, fresh):
+        with pytest.raises(AdapterError, match=f"refusing to write 1 of .* NaN or inf values \\({name}\\)"):
+            save_adapter(segmenter, path, dtype=dtype)
+    assert old.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.safetensors"]  # no fresh file, no temporary
+
+
 # --------------------------------------------------------------- PEFT-style directories
 def test_save_pretrained_from_pretrained_round_trip(tmp_path):
     """save_pretrained writes adapter_config.json (with the config) + weights; from_pretrained on a

@@ -16,8 +16,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from gopt_adapter import __version__, apply_gopt, count_parameters, save_adapter
+from gopt_adapter import recipe
 from gopt_adapter.cli import main
 from gopt_adapter.visualize import class_palette, colormap
+from conftest import nan_logits, with_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -285,6 +287,19 @@ def test_train_then_eval(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.startswith("error: unknown dataset 'kitti'")
     assert main(["eval", "--dataset", "synthetic", "--adapter", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such adapter file" in capsys.readouterr().err
+
+
+def test_a_diverging_run_ends_in_one_error_line_and_writes_no_adapter(tmp_path, capsys, monkeypatch):
+    """NonFiniteError is a RuntimeError, yet gopt train reports it as an error to act on (status
+    2), not as a bug (status 1)."""
+    monkeypatch.setattr(recipe, "build_variant", with_logits(recipe.build_variant, nan_logits))
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--set", "train.max_nonfinite_steps=1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: step 1 (epoch 1): non-finite gradients of adapters.default.")
+    assert len(err) == 2 and err[1].startswith("error: training stopped at step 1 (epoch 1): 1 optimizer steps in a row")
+    assert "no checkpoint was written" in err[1] and "unexpected" not in err[1]
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]
 
 
 # ----------------------------------------------------------------------------- colour maps

@@ -17,6 +17,7 @@ from gopt_adapter.engine import (
     LOG_NAME,
     CheckpointError,
     Dist,
+    NonFiniteError,
     TrainConfig,
     Trainer,
     evaluate,
@@ -272,6 +273,78 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
     plain = [{k: v for k, v in r.items() if k != "images_per_s"} for r in records if r["event"] != "resume"]
     expected = [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_log(tmp_path / "a" / LOG_NAME)]
     assert plain == expected  # same losses, lrs and metrics as the uninterrupted run
+
+
+# ------------------------------------------------------------------ non-finite steps
+class NanOnCalls(PixelModel):
+    """A :class:`PixelModel` with a BatchNorm whose input is NaN in training on the chosen calls
+    (1-based; with ``grad_accum=2`` calls ``2s-1`` and ``2s`` make optimizer step ``s``)."""
+
+    def __init__(self, nan_calls, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, num_classes, 1)  # RGB and 1 depth channel
+        self.bn = torch.nn.BatchNorm2d(num_classes)
+        self.nan_calls, self.calls = set(nan_calls), 0
+
+    def forward(self, rgb, aux):
+        features = super().forward(rgb, aux)
+        if self.training:
+            self.calls += 1
+            if self.calls in self.nan_calls:
+                features = features * float("nan")
+        return self.bn(features)
+
+
+def nan_trainer(out, nan_calls, epochs=1, **overrides):
+    """4 optimizer steps per epoch, 2 micro-batches each, warmup 0: every step has a rate > 0."""
+    train, val = synthetic_sets()
+    config = TrainConfig(**{**dict(epochs=epochs, batch_size=8, grad_accum=2, lr=1e-2, log_every=1,
+                                   progress=False), **overrides})
+    model = NanOnCalls(nan_calls, len(train.class_names))
+    return Trainer(model, train, len(train.class_names), config, out, val_set=val, device="cpu", ctx=Dist())
+
+
+def test_a_nan_step_is_skipped_counted_logged_and_leaves_weights_statistics_and_adamw_finite(tmp_path, capsys):
+    trainer = nan_trainer(tmp_path, nan_calls={4})  # step 2's second micro-batch
+    trainer.fit()
+    assert trainer.step == 4 and trainer.nonfinite_steps == 1
+    adam = [trainer.optimizer.state[p] for p in trainer.model.parameters()]
+    assert all(int(state["step"]) == 3 for state in adam)  # the optimizer stepped 3 times, not 4
+    assert trainer.scheduler.last_epoch == 4  # the schedule moved on
+    finite = [*trainer.model.state_dict().values(), *(s[k] for s in adam for k in ("exp_avg", "exp_avg_sq"))]
+    assert all(torch.isfinite(t).all() for t in finite)  # weights, BatchNorm statistics and AdamW moments
+    assert int(trainer.model.bn.num_batches_tracked) == 6  # the skipped step's 2 batches undone
+    records = read_log(tmp_path / LOG_NAME)
+    parameters = ["conv.weight", "conv.bias", "bn.weight", "bn.bias"]
+    assert [r for r in records if r["event"] == "nonfinite"] == [
+        {"event": "nonfinite", "epoch": 1, "step": 2, "loss": None, "parameters": parameters}]
+    assert [r["nonfinite_steps"] for r in records if r["event"] == "train"] == [0, 1, 1, 1]
+    err = capsys.readouterr().err
+    assert ("warning: step 2 (epoch 1): non-finite gradients of conv.weight, conv.bias, bn.weight and 1 more; "
+            "optimizer step skipped (1 in a row, 5 stop the run)") in err
+    resumed = nan_trainer(tmp_path, nan_calls=())
+    assert resumed.load_checkpoint() and resumed.nonfinite_steps == 1  # the count survives a resume
+
+
+def test_too_many_nan_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
+    trainer = nan_trainer(tmp_path, nan_calls=range(9, 17), epochs=2, max_nonfinite_steps=3)  # all of epoch 2
+    trainer.fit(until_epoch=1)
+    checkpoint = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(NonFiniteError) as raised:
+        trainer.fit(resume=True)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("training stopped at step 7 (epoch 2): 3 optimizer steps")
+    assert "conv.weight" in message and f"last good checkpoint {tmp_path / CHECKPOINT_NAME} (epoch 1) is kept" in message
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == checkpoint
+    assert [r["step"] for r in read_log(tmp_path / LOG_NAME) if r["event"] == "nonfinite"] == [5, 6, 7]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_max_nonfinite_steps_is_validated_and_may_change_on_resume(tmp_path):
+    with pytest.raises(ValueError, match="max_nonfinite_steps must be a positive integer"):
+        TrainConfig(max_nonfinite_steps=0)
+    make_trainer(tmp_path, epochs=2).fit(until_epoch=1)
+    make_trainer(tmp_path, epochs=2, max_nonfinite_steps=50).fit(resume=True)  # decides when to stop, not a step
 
 
 # ------------------------------------------------------------------ DDP (2 gloo processes)

@@ -26,6 +26,7 @@ def test_hand_computed_three_classes() -> None:
     assert m.confmat.tolist() == [[3, 1, 0], [0, 2, 2], [0, 0, 0]]
     r = m.compute()
     assert r["total"] == 8
+    assert r["predicted_pixels"] == [3, 3, 2] and r["predicted_classes"] == 3  # ignored pixels not counted
     assert r["pixel_acc"] == pytest.approx(5 / 8) and r["oa"] == r["pixel_acc"]
     assert r["acc"][:2] == pytest.approx([3 / 4, 2 / 4]) and math.isnan(r["acc"][2])
     assert r["mean_acc"] == pytest.approx((3 / 4 + 2 / 4) / 2) and r["aa"] == r["mean_acc"]
@@ -50,11 +51,12 @@ def test_perfect_and_single_class() -> None:
     m.update(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long))
     r = m.compute()
     assert r["miou"] == 1.0 and r["oa"] == 1.0 and r["kappa"] == 1.0
+    assert r["predicted_classes"] == 1 and r["predicted_pixels"] == [12, 0]
 
 
 def test_empty_is_nan_and_errors() -> None:
     r = SegMetrics(3).compute()
-    assert math.isnan(r["miou"]) and r["total"] == 0
+    assert math.isnan(r["miou"]) and r["total"] == 0 and r["predicted_classes"] == 0
     m = SegMetrics(3)
     with pytest.raises(ValueError, match="shapes differ"):
         m.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))

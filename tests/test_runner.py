@@ -14,6 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks import run as runner
 from gopt_adapter import read_adapter_file
+from gopt_adapter import recipe
+from gopt_adapter.metrics import SegMetrics
+from conftest import nan_logits, with_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", "synthetic", "--device", "cpu", "--set", "train.progress=false", "--set", "train.log_every=1",
@@ -134,6 +137,45 @@ def test_a_run_with_aux_dropout_calibrates_and_saves_the_missing_mode(tmp_path, 
     assert calibration["pixels"] > 0
     saved = read_adapter_file(out / "adapter.safetensors").tensors["missing_logit_bias"]
     assert saved.tolist() == pytest.approx(calibration["missing_logit_bias"]) and saved.abs().max() > 0
+
+
+def favour_class_zero(logits):
+    """Logits ``[B, K, H, W]`` with class 0 ahead by 1e4: argmax 0 everywhere, loss still finite."""
+    bias = torch.zeros_like(logits)
+    bias[:, 0] = 1e4
+    return logits + bias
+
+
+def test_a_model_that_predicts_one_class_is_warned_about(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(recipe, "build_variant", with_logits(recipe.build_variant, favour_class_zero))
+    out = tmp_path / "run"
+    assert runner.main([*SMALL, "--set", "train.epochs=1", "--set", "dataset_options.length=16",
+                        "--set", "val_options.length=2", "--out", str(out)]) == 0
+    record = read_json(out / "results.json")
+    assert record["metrics"]["predicted_classes"] == 1 and record["nonfinite_steps"] == 0
+    assert record["metrics"]["predicted_pixels"][0] == record["metrics"]["total"] == 2 * 64 * 64
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: the trained model predicts only class 0 ('wall') on all 8,192 validation pixels; "
+                        "check the labels and the class balance, or lower the learning rate"]
+
+
+def test_the_single_class_warning_needs_one_predicted_class():
+    metrics = SegMetrics(3)
+    metrics.update(torch.tensor([2, 2, 2]), torch.tensor([0, 1, 2]))
+    assert "only class 2 ('c')" in recipe.single_class_warning(metrics.compute(), ["a", "b", "c"])
+    metrics.update(torch.tensor([0]), torch.tensor([0]))
+    assert recipe.single_class_warning(metrics.compute(), ["a", "b", "c"]) is None
+    assert recipe.single_class_warning({"miou": 0.5}, ["a"]) is None  # metrics of an older checkpoint
+
+
+def test_a_diverging_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(recipe, "build_variant", with_logits(recipe.build_variant, nan_logits))
+    out = tmp_path / "run"
+    assert runner.main([*SMALL, "--set", "train.max_nonfinite_steps=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: training stopped at step 2 (epoch 1): 2 optimizer steps in a row had a non-finite")
+    assert sum(line.startswith("warning: step") for line in err) == 2
+    assert not (out / "results.json").exists() and not (out / "adapter.safetensors").exists()
 
 
 @pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early"])
