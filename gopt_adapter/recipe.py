@@ -236,9 +236,13 @@ def _check_setting_types(raw: dict[str, Any]) -> None:
 
 
 def build_backbone(config: RunConfig) -> torch.nn.Module:
-    """The timm backbone with the user's weights, ready for dense prediction at any size."""
+    """The timm backbone with the user's weights, ready for dense prediction at any size: built
+    with ``dynamic_img_pad=True`` where the model takes it and ``backbone_kwargs`` leaves it
+    unset, so that a patch size that does not divide the images (14 and 480x640) needs no flag;
+    the adapter file records it, so ``gopt predict`` / ``gopt eval`` rebuild the same model."""
     try:
-        model = create_backbone(config.backbone, config.weights, config.backbone_kwargs, pretrained=config.pretrained)
+        model = create_backbone(config.backbone, config.weights, config.backbone_kwargs, pretrained=config.pretrained,
+                                pad_images=True)
     except RuntimeError as exc:  # state-dict mismatch
         if not config.weights:
             raise UsageError(f"cannot create backbone {config.backbone!r}: {str(exc).splitlines()[0]}") from None
@@ -253,6 +257,16 @@ def build_backbone(config: RunConfig) -> torch.nn.Module:
         raise UsageError(f"{config.backbone} has patch size {spec.patch_size}: add --set "
                          "backbone_kwargs.dynamic_img_pad=true")
     return model
+
+
+def report_padding(name: str, spec: BackboneSpec, size: tuple[int, int]) -> None:
+    """One stderr line when the backbone pads inputs of ``size`` (the training crop) to its patch
+    grid, so that a run on zero-padded borders is never a surprise."""
+    (ph, pw), (height, width) = spec.patch_size, size
+    if spec.dynamic_img_pad and (height % ph or width % pw):
+        patch = f"{ph}" if ph == pw else f"{ph}x{pw}"
+        print(f"backbone {name}: patch {patch} does not divide the {height}x{width} training crop; padding "
+              "bottom/right as timm's dynamic_img_pad", file=sys.stderr)
 
 
 def build_transform_config(config: RunConfig, train_set=None) -> TrainTransformConfig:
@@ -334,6 +348,7 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
     target = resolve_device(device, ctx)
     train_set, val_set = build_datasets(config)
     backbone = build_backbone(config)
+    report_padding(config.backbone, BackboneSpec.from_model(backbone), build_transform_config(config, train_set).crop_size)
     num_classes = len(train_set.class_names)
     try:
         model = build_variant(config.variant, backbone, train_set.aux_channels, num_classes, **config.variant_options)
