@@ -245,6 +245,14 @@ def sliding_window_logits(model: Callable, rgb: torch.Tensor, aux: torch.Tensor,
     return logits / counts
 
 
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits ``[B, K, h, w]`` bilinearly resized to ``size`` (the label's full resolution, where
+    the inputs were scaled by ``transforms.image_scale``); unchanged when already that size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)  # [B, K, H, W]
+
+
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets along one axis: every ``stride`` pixels, plus one window flush with the
     border; ``[0]`` when the axis fits in one window (the crop is then the whole axis)."""
@@ -263,7 +271,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
              progress: bool = False) -> dict[str, Any]:
     """Full-size evaluation (batch 1, images may differ in size), summed over all ranks.
 
-    Draws nothing from the global RNGs, so evaluating during training leaves the training
+    Metrics are taken at the label's resolution: logits of inputs the transform scaled
+    (``image_scale``) are resized to it first (:func:`resize_logits`). Draws nothing from the global RNGs, so evaluating during training leaves the training
     trajectory unchanged (``eval_every`` may differ on resume).
     """
     check_window(window, stride)
@@ -281,7 +290,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
                 logits = sliding_window_logits(model, rgb, aux, num_classes, window, stride)
             else:
                 logits = model(rgb, aux)
-        metrics.update(logits.argmax(1), batch["label"].to(device))
+        label = batch["label"].to(device)  # [1, H, W]
+        metrics.update(resize_logits(logits, label.shape[-2:]).argmax(1), label)
     metrics.sync()
     model.train(was_training)
     return metrics.compute()

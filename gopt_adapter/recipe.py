@@ -269,13 +269,16 @@ def report_padding(name: str, spec: BackboneSpec, size: tuple[int, int]) -> None
               "bottom/right as timm's dynamic_img_pad", file=sys.stderr)
 
 
-def build_transform_config(config: RunConfig, train_set=None) -> TrainTransformConfig:
-    """The dataset's usual training transforms with ``config.transforms`` applied.
+def build_transform_config(config: RunConfig, train_set=None, defaults: dict[str, Any] | None = None) -> TrainTransformConfig:
+    """The dataset's usual training transforms with ``defaults`` (an adapter's recorded
+    preprocessing) and then ``config.transforms`` applied; within ``normalize`` key by key, so a
+    user's ``aux_mean`` keeps the recorded ``rgb_mean``.
 
     A dataset whose images all share one size (``train_set.common_size``, the folder reader)
     trains at that size unless ``transforms.crop_size`` is set.
     """
-    options = dict(config.transforms)
+    defaults = defaults or {}
+    options = {**defaults, **config.transforms}
     valid = [f.name for f in dataclasses.fields(TrainTransformConfig)]
     common_size = getattr(train_set, "common_size", None)
     if "crop_size" not in options and common_size is not None:
@@ -284,15 +287,16 @@ def build_transform_config(config: RunConfig, train_set=None) -> TrainTransformC
         if "normalize" in options:
             if not isinstance(options["normalize"], dict):
                 raise TypeError("normalize must be an object such as {\"aux_mean\": [0.5], \"aux_std\": [0.5]}")
-            options["normalize"] = NormalizeConfig(**options["normalize"])
+            options["normalize"] = NormalizeConfig(**{**defaults.get("normalize", {}), **options["normalize"]})
         return default_train_config(config.dataset, **options)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"invalid transforms settings {config.transforms}: {exc} (keys: {valid})") from None
 
 
-def build_datasets(config: RunConfig):
-    """Train and val sets with their transforms; one sample of each is read (RNG untouched) to
-    catch bad files and settings now (the folder reader checks every file when it is built)."""
+def build_datasets(config: RunConfig, defaults: dict[str, Any] | None = None):
+    """Train and val sets with their transforms (:func:`build_transform_config`, ``defaults``
+    included); one sample of each is read (RNG untouched) to catch bad files and settings now
+    (the folder reader checks every file when it is built)."""
     try:
         train_set = get_dataset(config.dataset, root=config.root, split=config.train_split, **config.dataset_options)
         val_set = get_dataset(config.dataset, root=config.root, split=config.val_split,
@@ -303,9 +307,9 @@ def build_datasets(config: RunConfig):
         raise UsageError(f"{config.dataset} splits {config.train_split!r} and {config.val_split!r} differ: "
                          f"{train_set.aux_channels} vs {val_set.aux_channels} aux channel(s), "
                          f"{len(train_set.class_names)} vs {len(val_set.class_names)} classes")
-    transforms = build_transform_config(config, train_set)
+    transforms = build_transform_config(config, train_set, defaults)
     train_set.transform = build_transforms(config.dataset, True, transforms)
-    val_set.transform = build_transforms(config.dataset, False, normalize=transforms.normalize)
+    val_set.transform = build_transforms(config.dataset, False, transforms)
     for split, dataset in ((config.train_split, train_set), (config.val_split, val_set)):
         if len(dataset) == 0:
             raise UsageError(f"{config.dataset} split {split!r} has no samples")
