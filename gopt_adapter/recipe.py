@@ -259,6 +259,18 @@ def build_backbone(config: RunConfig) -> torch.nn.Module:
     return model
 
 
+def report_normalize(name: str, defaults: dict[str, Any], normalize: NormalizeConfig) -> None:
+    """One stderr line when the backbone's pretraining, not the library's ImageNet default, set
+    the RGB mean/std the run uses, so that the change of inputs is never silent."""
+    library = NormalizeConfig()
+    taken = {key: value for key, value in defaults.get("normalize", {}).items()
+             if getattr(normalize, key) == value != getattr(library, key)}
+    if taken:
+        values = ", ".join(f"{key} {value}" for key, value in taken.items())
+        print(f"backbone {name}: {values} from its pretrained_cfg (override with --set "
+              "transforms.normalize.rgb_mean=[...])", file=sys.stderr)
+
+
 def report_padding(name: str, spec: BackboneSpec, size: tuple[int, int]) -> None:
     """One stderr line when the backbone pads inputs of ``size`` (the training crop) to its patch
     grid, so that a run on zero-padded borders is never a surprise."""
@@ -269,10 +281,21 @@ def report_padding(name: str, spec: BackboneSpec, size: tuple[int, int]) -> None
               "bottom/right as timm's dynamic_img_pad", file=sys.stderr)
 
 
+def backbone_transform_defaults(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """``transforms`` settings the backbone implies: the RGB mean/std of its pretraining (timm's
+    ``pretrained_cfg``; CLIP, SigLIP and EVA-CLIP are not ImageNet-normalised). None for
+    ``--random-init``: a backbone pretrained on nothing keeps the library's default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if config.random_init or mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return {}
+    return {"normalize": {"rgb_mean": tuple(mean), "rgb_std": tuple(std)}}
+
+
 def build_transform_config(config: RunConfig, train_set=None, defaults: dict[str, Any] | None = None) -> TrainTransformConfig:
-    """The dataset's usual training transforms with ``defaults`` (an adapter's recorded
-    preprocessing) and then ``config.transforms`` applied; within ``normalize`` key by key, so a
-    user's ``aux_mean`` keeps the recorded ``rgb_mean``.
+    """The dataset's usual training transforms with ``defaults`` (the backbone's mean/std, or
+    an adapter's recorded preprocessing) and then ``config.transforms`` applied; within
+    ``normalize`` key by key, so a user's ``aux_mean`` keeps the backbone's ``rgb_mean``.
 
     A dataset whose images all share one size (``train_set.common_size``, the folder reader)
     trains at that size unless ``transforms.crop_size`` is set.
@@ -350,9 +373,12 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
     ctx = init_distributed()
     seed_everything(config.train.seed)  # random-init backbones and adapter inits are reproducible
     target = resolve_device(device, ctx)
-    train_set, val_set = build_datasets(config)
-    backbone = build_backbone(config)
-    report_padding(config.backbone, BackboneSpec.from_model(backbone), build_transform_config(config, train_set).crop_size)
+    backbone = build_backbone(config)  # first: its pretraining sets the default RGB mean/std
+    defaults = backbone_transform_defaults(config, backbone)
+    train_set, val_set = build_datasets(config, defaults)
+    transforms = build_transform_config(config, train_set, defaults)
+    report_normalize(config.backbone, defaults, transforms.normalize)
+    report_padding(config.backbone, BackboneSpec.from_model(backbone), transforms.crop_size)
     num_classes = len(train_set.class_names)
     try:
         model = build_variant(config.variant, backbone, train_set.aux_channels, num_classes, **config.variant_options)
