@@ -136,7 +136,7 @@ def test_a_run_with_aux_dropout_calibrates_and_saves_the_missing_mode(tmp_path, 
     assert saved.tolist() == pytest.approx(calibration["missing_logit_bias"]) and saved.abs().max() > 0
 
 
-@pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early"])
+@pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early", "probe"])
 def test_baseline_run_keeps_its_trained_tensors(tmp_path, variant):
     """Baselines have no adapter file: their trainable tensors go to trained.safetensors."""
     out = tmp_path / variant
