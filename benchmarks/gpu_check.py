@@ -228,8 +228,8 @@ def e2e_worker(argv: list[str]) -> int:
     after, run_args = int(argv[0]), argv[argv.index("--") + 1:]
     build_datasets = runner.build_datasets
 
-    def stalling(config):
-        train, val = build_datasets(config)
+    def stalling(config, defaults=None):
+        train, val = build_datasets(config, defaults)
         return StallingDataset(train, after), val
 
     runner.build_datasets = stalling

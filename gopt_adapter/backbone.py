@@ -128,19 +128,23 @@ class BackboneSpec:
 
 
 def create_backbone(name: str, weights: str | os.PathLike | None = None,
-                    backbone_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
+                    backbone_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
+                    pad_images: bool = False) -> nn.Module:
     """``timm.create_model`` for dense prediction at any size, in eval mode, with local weights
     (safetensors or ``.pth``, read with ``weights_only=True``) if given, timm's own download
     with ``pretrained=True``, else random weights; no classifier (``num_classes=0``).
 
     Models that have no ``dynamic_img_size`` option (Beit) are built at their fixed
-    ``img_size``. The model remembers ``name`` and ``backbone_kwargs``
-    (:data:`ORIGIN_ATTRIBUTE`) so that adapter files record how to build it again. Raises
-    ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError`` (weights that do not
-    fit) with timm's message.
+    ``img_size``. With ``pad_images`` (``gopt train``) the model is also built with
+    ``dynamic_img_pad=True`` where its class takes that option (VisionTransformer, Eva,
+    NaFlexVit, DeepSeek's encoder) and ``backbone_kwargs`` does not set it: timm then zero-pads
+    every image at the bottom/right up to its patch grid, so any image size works with any patch
+    size, and sizes that are already multiples give bit-identical outputs (the pad is empty).
+    The model remembers ``name`` and ``backbone_kwargs``, plus ``dynamic_img_pad`` when
+    ``pad_images`` set it (:data:`ORIGIN_ATTRIBUTE`), so that adapter files record how to build
+    it again. Raises ``ValueError`` (unknown model, unusable kwargs) or ``RuntimeError``
+    (weights that do not fit) with timm's message.
     """
-    import timm
-
     kwargs: dict[str, Any] = {"num_classes": 0, **(backbone_kwargs or {})}
     if weights:
         path = Path(weights)
@@ -151,17 +155,31 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None,
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path.resolve())))
     else:
         kwargs["pretrained"] = bool(pretrained)
-    model = None
-    if "dynamic_img_size" not in kwargs:
-        try:
-            model = timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
-        except TypeError as exc:
-            if "dynamic_img_size" not in str(exc):
-                raise
-    if model is None:
-        model = timm.create_model(name, **kwargs).eval()
-    setattr(model, ORIGIN_ATTRIBUTE, {"name": name, "kwargs": dict(backbone_kwargs or {})})
+    preferred = {"dynamic_img_size": True, **({"dynamic_img_pad": True} if pad_images else {})}
+    model, taken = _create_model(name, kwargs, {key: value for key, value in preferred.items() if key not in kwargs})
+    recorded = dict(backbone_kwargs or {})
+    if "dynamic_img_pad" in taken:  # a choice of this call, not a default of create_backbone: rebuilds repeat it
+        recorded["dynamic_img_pad"] = taken["dynamic_img_pad"]
+    setattr(model, ORIGIN_ATTRIBUTE, {"name": name, "kwargs": recorded})
     return model
+
+
+def _create_model(name: str, kwargs: dict[str, Any], preferred: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model(name, **preferred, **kwargs)`` in eval mode, leaving out each
+    ``preferred`` option the model's class refuses (the ``TypeError`` names it, raised before
+    any weight is made); returns the model and the preferred options it took."""
+    import timm
+
+    preferred = dict(preferred)
+    while True:
+        try:
+            return timm.create_model(name, **preferred, **kwargs).eval(), preferred
+        except TypeError as exc:
+            refused = [key for key in preferred if key in str(exc)]
+            if not refused:
+                raise
+            for key in refused:
+                del preferred[key]
 
 
 def check_pickle_is_tensors_only(path: Path) -> None:

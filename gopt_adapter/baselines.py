@@ -15,6 +15,7 @@ train:
 variant                   what acts on the tokens                     backbone
 ========================  ==========================================  =======================
 ``foundation``            nothing (RGB only; aux checked, ignored)    trains, follows train()
+``probe``                 nothing (RGB only; aux checked, ignored)    frozen, eval mode
 ``fft``                   two streams (RGB, aux) through the shared   trains, follows train()
                           blocks, per-stream LayerNorms with CEN's
                           channel exchange, fused before the head
@@ -28,7 +29,8 @@ variant                   what acts on the tokens                     backbone
 
 ``E`` and ``E_l`` are full-width ``Conv2d(C_aux, D, patch, patch)`` aux patch embeddings. All aux
 contributions start at zero, so every variant but ``fft`` computes its RGB model at
-initialisation (FFT-early starts as Foundation; VPT, LoRA and GoPT start as the frozen backbone).
+initialisation (FFT-early starts as Foundation; probe, VPT, LoRA and GoPT start as the frozen
+backbone; the probe stays that: only its head trains, the floor any use of aux must beat).
 ``fft`` (:mod:`gopt_adapter.two_stream`) starts as the mean of two foundation models, one on
 the RGB image and one on the aux image seen as a grey picture, with CEN's exchange on the
 channels whose LayerNorm gain is already below the threshold.
@@ -339,6 +341,13 @@ def _build(model: nn.Module, backbone_training: str,
 
 
 # ------------------------------------------------------------------- builders
+def _build_rgb_only(variant: str, backbone_training: str, model: nn.Module, aux_channels: int, num_classes: int,
+                    head: str, head_channels: int) -> BaselineSegmenter:
+    """A head on the backbone's RGB features and nothing in front of any block (aux checked, ignored)."""
+    config = BaselineConfig(variant, aux_channels, num_classes, head, head_channels)
+    return _build(model, backbone_training, lambda spec: BaselineAdapter(config, spec))
+
+
 def build_foundation(model: nn.Module, num_classes: int, head: str = "setr_naive", *,
                      aux_channels: int = 1, head_channels: int = 256) -> BaselineSegmenter:
     """Table 4 "Foundation": the RGB-only SETR, the whole ViT and the head fine-tuned.
@@ -347,8 +356,16 @@ def build_foundation(model: nn.Module, num_classes: int, head: str = "setr_naive
     ``aux_channels``, batch and size equal to rgb's) and then ignored, so a benchmark feeds all
     rows the same batches.
     """
-    config = BaselineConfig("foundation", aux_channels, num_classes, head, head_channels)
-    return _build(model, "full", lambda spec: BaselineAdapter(config, spec))
+    return _build_rgb_only("foundation", "full", model, aux_channels, num_classes, head, head_channels)
+
+
+def build_probe(model: nn.Module, aux_channels: int, num_classes: int, head: str = "setr_naive", *,
+                head_channels: int = 256) -> BaselineSegmenter:
+    """The RGB-only row when the foundation stays frozen: the frozen backbone (eval mode) and
+    GoPT's default head on its RGB features; only the head trains, ``aux`` is checked and then
+    ignored. The floor any use of aux on a frozen backbone must beat (not in the paper).
+    """
+    return _build_rgb_only("probe", "frozen", model, aux_channels, num_classes, head, head_channels)
 
 
 def build_fft(model: nn.Module, aux_channels: int, num_classes: int, head: str = "setr_naive", *,
@@ -502,6 +519,7 @@ def _variant(name: str, builder: Callable[..., nn.Module], paper: str | None, su
 _ALL = [
     _variant("foundation", _build_foundation_variant, "Table 4 Foundation",
              "RGB-only SETR, full fine-tuning; aux ignored", frozen_backbone=False),
+    _variant("probe", build_probe, None, "frozen backbone + GoPT's head on RGB; aux ignored"),
     _variant("fft", build_fft, "Table 4 FFT",
              "two streams through the shared fine-tuned ViT, per-stream LayerNorms with CEN's channel exchange, "
              "fused before the head", frozen_backbone=False),
@@ -557,6 +575,7 @@ __all__ = [
     "build_fft_early",
     "build_foundation",
     "build_lora",
+    "build_probe",
     "build_variant",
     "build_vpt",
     "lora_target_pattern",

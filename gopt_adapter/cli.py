@@ -74,8 +74,10 @@ def _add_eval(commands) -> None:
         "eval", help="evaluate a saved adapter on a dataset split and print the metrics",
         description="Evaluates a saved adapter file on a split of a dataset and prints per-class IoU and the "
                     "metrics (last line: JSON). The dataset and its transforms come from the package's "
-                    "configs/<dataset>.json (or --config) and the flags, exactly as 'gopt train' builds them; the "
-                    "backbone is rebuilt from the adapter file (its timm name and kwargs) plus --weights.")
+                    "configs/<dataset>.json (or --config) and the flags, exactly as 'gopt train' builds them, with "
+                    "the mean/std and image scale the adapter file records (--set transforms.* overrides them); "
+                    "metrics are at the labels' full resolution. The backbone is rebuilt from the adapter file "
+                    "(its timm name and kwargs) plus --weights.")
     ev.add_argument("--dataset", required=True, help="dataset registry name (folder, nyudv2, sunrgbd, mfnet, pst900, "
                                                      "whu_opt_sar, synthetic)")
     ev.add_argument("--adapter", required=True, help="adapter file (.safetensors) to evaluate")
@@ -356,7 +358,9 @@ def _eval(args: argparse.Namespace) -> int:
         config = recipe.load_run_config(namespace)
         recipe.check_weights_file(args.weights)
         seed_everything(config.train.seed)
-        _, dataset = recipe.build_datasets(config)
+        # the inputs the adapter was trained on (mean/std, image scale) unless --set transforms.* says otherwise
+        recorded = file.preprocessing.transform_settings() if file.preprocessing is not None else None
+        _, dataset = recipe.build_datasets(config, recorded)
     except recipe.UsageError as exc:
         raise CliError(str(exc), "See gopt eval --help") from None
     # the adapter's recorded backbone, unless --backbone names one (built with the config's kwargs,
@@ -472,7 +476,7 @@ def _predict(args: argparse.Namespace) -> int:
             pair = first if index == 0 else read(rgb_path, aux_path)
             pair.stem = stem
             try:
-                label = predict_labels(segmenter, pair, preprocessing.normalize, device)
+                label = predict_labels(segmenter, pair, preprocessing.normalize, device, preprocessing.image_scale)
             except ValueError as exc:  # e.g. a fixed-size backbone and an image of another size
                 raise CliError(f"{rgb_path}: {exc}", "Use images the backbone accepts (see --backbone-kwargs)") from None
             label_path, panel_path = write_prediction(out, pair, label, class_names, args.aux_cmap, args.legend,
@@ -595,7 +599,8 @@ def _inspect(args: argparse.Namespace) -> int:
         sections.append(("preprocessing", {
             "aux_scale": preprocessing["aux_scale"],
             "aux_max": "dtype maximum" if preprocessing["aux_max"] is None else f"{preprocessing['aux_max']:g}",
-            **{key: tuple(value) for key, value in preprocessing["normalize"].items()}}))
+            **{key: tuple(value) for key, value in preprocessing["normalize"].items()},
+            **({"image_scale": preprocessing["image_scale"]} if "image_scale" in preprocessing else {})}))  # when not 1
     sections.append(("backbone fingerprint", info["backbone"]))
     for title, section in sections:
         print(f"{title}:")

@@ -264,6 +264,14 @@ def sliding_window_logits(model: Callable, rgb: torch.Tensor, aux: torch.Tensor,
     return logits / counts
 
 
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits ``[B, K, h, w]`` bilinearly resized to ``size`` (the label's full resolution, where
+    the inputs were scaled by ``transforms.image_scale``); unchanged when already that size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)  # [B, K, H, W]
+
+
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets along one axis: every ``stride`` pixels, plus one window flush with the
     border; ``[0]`` when the axis fits in one window (the crop is then the whole axis)."""
@@ -282,10 +290,12 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
              progress: bool = False) -> dict[str, Any]:
     """Full-size evaluation (batch 1, images may differ in size), summed over all ranks.
 
-    Where ``dataset`` names subsets of its samples (a ``subset_of(stem) -> name | None``
-    method, e.g. MFNet's day and night frames), the result also holds ``"subsets": {name:
-    metrics}``, from the same pass. Draws nothing from the global RNGs, so evaluating during
-    training leaves the training trajectory unchanged (``eval_every`` may differ on resume).
+    Metrics are taken at the label's resolution: logits of inputs the transform scaled
+    (``image_scale``) are resized to it first (:func:`resize_logits`). Where ``dataset`` names
+    subsets of its samples (a ``subset_of(stem) -> name | None`` method, e.g. MFNet's day and
+    night frames), the result also holds ``"subsets": {name: metrics}``, from the same pass.
+    Draws nothing from the global RNGs, so evaluating during training leaves the training
+    trajectory unchanged (``eval_every`` may differ on resume).
     """
     check_window(window, stride)
     was_training = model.training
@@ -306,7 +316,8 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch
                 logits = sliding_window_logits(model, rgb, aux, num_classes, window, stride)
             else:
                 logits = model(rgb, aux)
-        prediction, label = logits.argmax(1), batch["label"].to(device)
+        label = batch["label"].to(device)  # [1, H, W]
+        prediction = resize_logits(logits, label.shape[-2:]).argmax(1)
         metrics.update(prediction, label)
         if subsets:
             name = subset_of(batch["meta"]["stem"][0])

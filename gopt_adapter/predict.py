@@ -11,12 +11,15 @@ What ``gopt predict`` does with one RGB + auxiliary pair:
    divides by ``aux_max`` (default: the dtype maximum, 255 for 8-bit, 65535 for 16-bit;
    10000 for millimetre depth read as the NYUDv2 / SUN RGB-D readers do) and clips;
    ``"per_image"`` min-max scales each image.
-3. Normalises with a :class:`~gopt_adapter.transforms.NormalizeConfig` (by default the
+3. Resizes both by the adapter's ``image_scale`` (when it is not 1: bilinear, antialiased
+   when shrinking, as training's :class:`~gopt_adapter.transforms.ScaleImage`), then
+   normalises with a :class:`~gopt_adapter.transforms.NormalizeConfig` (by default the
    training default: ImageNet mean/std for RGB, 0.5/0.5 for aux).
 4. Pads the normalised images at the bottom/right with zeros up to a multiple of the patch
    size (zero after normalisation = the mean colour, which is how the training crop pads),
-   runs the segmenter and crops the logits back to the input size.
-5. Returns the arg-max label map ``[H, W]``; :func:`write_prediction` stores it as a PNG
+   runs the segmenter, crops the logits back to the (scaled) input size and resizes them to
+   the input's full size.
+5. Returns the arg-max label map ``[H, W]`` at the input's full size; :func:`write_prediction` stores it as a PNG
    (mode ``L``, uint8 class ids, for up to 256 classes; 16-bit otherwise) and a figure panel
    (:func:`gopt_adapter.visualize.make_panel`).
 
@@ -39,10 +42,11 @@ from PIL import Image
 
 from .adapter_io import AdapterFile, read_adapter_file
 from .datasets.base import check_same_size, files_by_stem, read_image
+from .engine import resize_logits
 from .model import GoptSegmenter
 from .preprocessing import check_aux_channels
 from .scaling import AUX_NORMALIZATIONS, scale_to_unit
-from .transforms import NormalizeConfig
+from .transforms import NormalizeConfig, check_image_scale, resize_image, scaled_size
 from .visualize import class_palette, colorize_aux, make_panel
 
 __all__ = [
@@ -232,25 +236,34 @@ def find_pairs(directory: str | Path) -> list[tuple[str, Path, Path | None]]:
 # --------------------------------------------------------------------------- forward
 @torch.no_grad()
 def predict_labels(segmenter: GoptSegmenter, pair: ImagePair, normalize: NormalizeConfig = NormalizeConfig(),
-                   device: torch.device | str = "cpu") -> np.ndarray:
-    """Arg-max class ids ``int64 [H, W]`` of one pair (zero padding to the patch size, cropped back).
+                   device: torch.device | str = "cpu", image_scale: float = 1.0) -> np.ndarray:
+    """Arg-max class ids ``int64 [H, W]`` of one pair at its full size: inputs resized by
+    ``image_scale`` (the adapter's preprocessing), zero-padded to the patch size, logits
+    cropped back and resized to ``[H, W]``.
 
     A pair without aux runs ``segmenter(rgb, None)``: the adapter's aux-missing mode.
     """
-    rgb = torch.from_numpy(np.ascontiguousarray(pair.rgb.transpose(2, 0, 1)))[None]  # [1, 3, H, W]
-    rgb = (rgb - torch.tensor(normalize.rgb_mean).view(1, -1, 1, 1)) / torch.tensor(normalize.rgb_std).view(1, -1, 1, 1)
-    height, width = rgb.shape[-2:]
+    check_image_scale(image_scale)
+    height, width = pair.rgb.shape[:2]
+    size = scaled_size((height, width), image_scale)  # (h, w) the model sees
     ph, pw = segmenter.spec.patch_size
-    pad = (0, -width % pw, 0, -height % ph)  # left, right, top, bottom; zeros = the normalisation mean
+    pad = (0, -size[1] % pw, 0, -size[0] % ph)  # left, right, top, bottom
     dtype = next(segmenter.parameters()).dtype
+
+    def model_input(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]  # [1, C, H, W]
+        if size != (height, width):
+            x = resize_image(x, size, antialias=image_scale < 1)  # [1, C, h, w]
+        x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        return F.pad(x, pad).to(device, dtype)  # [1, C, h', w']; zeros = the normalisation mean
+
     aux = None
     if pair.aux is not None:
-        aux = torch.from_numpy(np.ascontiguousarray(pair.aux.transpose(2, 0, 1)))[None]  # [1, C, H, W]
-        check_aux_channels(normalize, aux.shape[1])
-        aux = (aux - torch.tensor(normalize.aux_mean).view(1, -1, 1, 1)) / torch.tensor(normalize.aux_std).view(1, -1, 1, 1)
-        aux = F.pad(aux, pad).to(device, dtype)
-    logits = segmenter(F.pad(rgb, pad).to(device, dtype), aux)  # [1, K, H', W']
-    return logits[0, :, :height, :width].argmax(0).cpu().numpy()
+        check_aux_channels(normalize, pair.aux.shape[2])
+        aux = model_input(pair.aux, normalize.aux_mean, normalize.aux_std)
+    logits = segmenter(model_input(pair.rgb, normalize.rgb_mean, normalize.rgb_std), aux)  # [1, K, h', w']
+    logits = resize_logits(logits[..., : size[0], : size[1]], (height, width))  # [1, K, H, W]
+    return logits[0].argmax(0).cpu().numpy()
 
 
 def label_image(label: np.ndarray, num_classes: int) -> Image.Image:

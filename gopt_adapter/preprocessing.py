@@ -6,7 +6,9 @@ statistics; running it on a depth PNG divided by 65535 silently gives poor predi
 
 1. the auxiliary image to [0, 1]: ``"fixed"`` divides by ``aux_max`` (``None``: the file
    dtype's maximum, 255 or 65535) and clips, ``"per_image"`` min-max scales each image;
-2. per-modality mean/std (a :class:`~gopt_adapter.transforms.NormalizeConfig`).
+2. per-modality mean/std (a :class:`~gopt_adapter.transforms.NormalizeConfig`);
+3. the fixed resize factor of the inputs (``transforms.image_scale``; predictions are resized
+   back to the input's full size).
 
 RGB is always divided by its dtype maximum, as every reader does.
 """
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .scaling import AUX_NORMALIZATIONS
-from .transforms import Normalize, NormalizeConfig
+from .transforms import Normalize, NormalizeConfig, ScaleImage, check_image_scale
 
 __all__ = ["Preprocessing", "check_aux_channels", "dataset_preprocessing"]
 
@@ -44,11 +46,13 @@ class Preprocessing:
         aux_max: divisor of ``"fixed"`` (e.g. 10000 for millimetre depth); ``None`` = the
             dtype maximum of the file. Must be ``None`` for ``"per_image"``.
         normalize: per-modality mean/std applied after scaling.
+        image_scale: resize factor of rgb and aux before the model (1.0: none).
     """
 
     aux_scale: str = "fixed"
     aux_max: float | None = None
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    image_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.aux_scale not in AUX_NORMALIZATIONS:
@@ -66,12 +70,25 @@ class Preprocessing:
         values = [v for f in fields(self.normalize) for v in getattr(self.normalize, f.name)]
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"normalize values must be finite, got {self.normalize}")
+        check_image_scale(self.image_scale)
+        object.__setattr__(self, "image_scale", float(self.image_scale))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (stored in adapter files)."""
+        """JSON-ready form (stored in adapter files). ``image_scale`` is written only when it is
+        not 1: files of unscaled adapters stay readable by versions that predate it, and those
+        versions refuse (unknown field) exactly the files they would run at the wrong size."""
         norm = self.normalize
-        return {"aux_scale": self.aux_scale, "aux_max": self.aux_max,
+        data = {"aux_scale": self.aux_scale, "aux_max": self.aux_max,
                 "normalize": {f.name: list(getattr(norm, f.name)) for f in fields(norm)}}
+        if self.image_scale != 1:
+            data["image_scale"] = self.image_scale
+        return data
+
+    def transform_settings(self) -> dict[str, Any]:
+        """The ``transforms`` settings that give a model these inputs (mean/std, image scale):
+        ``gopt eval``'s defaults for the adapter's dataset."""
+        norm = self.normalize
+        return {"normalize": {f.name: getattr(norm, f.name) for f in fields(norm)}, "image_scale": self.image_scale}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessing":
@@ -91,7 +108,8 @@ class Preprocessing:
             norm = NormalizeConfig(**{k: tuple(v) for k, v in normalize.items()})
         except TypeError as exc:  # a number where a list belongs
             raise ValueError(f"invalid normalize values ({exc})") from None
-        return cls(aux_scale=data.get("aux_scale", "fixed"), aux_max=data.get("aux_max"), normalize=norm)
+        return cls(aux_scale=data.get("aux_scale", "fixed"), aux_max=data.get("aux_max"), normalize=norm,
+                   image_scale=data.get("image_scale", 1.0))
 
     def override(self, aux_scale: str | None = None, aux_max: float | None = None,
                  **normalize: tuple[float, ...] | None) -> "Preprocessing":
@@ -117,8 +135,9 @@ class Preprocessing:
         scale = ("fixed / dtype max" if self.aux_max is None else f"fixed / {self.aux_max:g}") \
             if self.aux_scale == "fixed" else "per_image min-max"
         norm = self.normalize
+        resize = f"; inputs resized by {self.image_scale:g}" if self.image_scale != 1 else ""
         return (f"aux {scale}; rgb mean {norm.rgb_mean} std {norm.rgb_std}; "
-                f"aux mean {norm.aux_mean} std {norm.aux_std}")
+                f"aux mean {norm.aux_mean} std {norm.aux_std}{resize}")
 
 
 # Reader attribute holding the aux scaling, and the attribute holding its fixed divisor (if any).
@@ -134,9 +153,10 @@ def dataset_preprocessing(dataset: Any, normalize: NormalizeConfig | None = None
     PST900, ``sar_normalization`` for WHU-OPT-SAR, ``aux_normalization`` with ``aux_max`` for
     the folder reader; HHA and the synthetic world: fixed by the
     dtype maximum). The mean/std is ``normalize`` or else that of the one ``Normalize`` step
-    in ``dataset.transform`` (no transform: identity). RGB scaling is not recorded: ``gopt
-    predict`` divides RGB by its dtype maximum, as the readers do by default. Raises
-    ``ValueError`` when it cannot tell.
+    in ``dataset.transform`` (no transform: identity), the image scale that of its
+    :class:`~gopt_adapter.transforms.ScaleImage` step (none: 1), so what is recorded is what
+    the transform applies. RGB scaling is not recorded: ``gopt predict`` divides RGB by its
+    dtype maximum, as the readers do by default. Raises ``ValueError`` when it cannot tell.
     """
     aux_scale, aux_max = "fixed", None
     if getattr(dataset, "aux", None) != "hha":
@@ -146,11 +166,21 @@ def dataset_preprocessing(dataset: Any, normalize: NormalizeConfig | None = None
                 if aux_scale == "fixed" and max_attr is not None:
                     aux_max = getattr(dataset, max_attr)
                 break
+    transform = getattr(dataset, "transform", None)
     if normalize is None:
-        normalize = _transform_normalize(getattr(dataset, "transform", None))
-    preprocessing = Preprocessing(aux_scale, aux_max, normalize)
+        normalize = _transform_normalize(transform)
+    preprocessing = Preprocessing(aux_scale, aux_max, normalize, _transform_image_scale(transform))
     check_aux_channels(normalize, int(getattr(dataset, "aux_channels", 1)))
     return preprocessing
+
+
+def _transform_image_scale(transform: Any) -> float:
+    """The factor of the one :class:`ScaleImage` step of ``transform`` (none: 1.0)."""
+    factors = [step.factor for step in getattr(transform, "transforms", [transform]) if isinstance(step, ScaleImage)]
+    if len(factors) > 1:
+        raise ValueError(f"cannot tell the image scale of the dataset's transform {transform!r} "
+                         f"({len(factors)} ScaleImage steps)")
+    return factors[0] if factors else 1.0
 
 
 def _transform_normalize(transform: Any) -> NormalizeConfig:

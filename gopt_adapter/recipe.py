@@ -238,9 +238,13 @@ def _check_setting_types(raw: dict[str, Any]) -> None:
 
 
 def build_backbone(config: RunConfig) -> torch.nn.Module:
-    """The timm backbone with the user's weights, ready for dense prediction at any size."""
+    """The timm backbone with the user's weights, ready for dense prediction at any size: built
+    with ``dynamic_img_pad=True`` where the model takes it and ``backbone_kwargs`` leaves it
+    unset, so that a patch size that does not divide the images (14 and 480x640) needs no flag;
+    the adapter file records it, so ``gopt predict`` / ``gopt eval`` rebuild the same model."""
     try:
-        model = create_backbone(config.backbone, config.weights, config.backbone_kwargs, pretrained=config.pretrained)
+        model = create_backbone(config.backbone, config.weights, config.backbone_kwargs, pretrained=config.pretrained,
+                                pad_images=True)
     except RuntimeError as exc:  # state-dict mismatch
         if not config.weights:
             raise UsageError(f"cannot create backbone {config.backbone!r}: {str(exc).splitlines()[0]}") from None
@@ -257,13 +261,49 @@ def build_backbone(config: RunConfig) -> torch.nn.Module:
     return model
 
 
-def build_transform_config(config: RunConfig, train_set=None) -> TrainTransformConfig:
-    """The dataset's usual training transforms with ``config.transforms`` applied.
+def report_normalize(name: str, defaults: dict[str, Any], normalize: NormalizeConfig) -> None:
+    """One stderr line when the backbone's pretraining, not the library's ImageNet default, set
+    the RGB mean/std the run uses, so that the change of inputs is never silent."""
+    library = NormalizeConfig()
+    taken = {key: value for key, value in defaults.get("normalize", {}).items()
+             if getattr(normalize, key) == value != getattr(library, key)}
+    if taken:
+        values = ", ".join(f"{key} {value}" for key, value in taken.items())
+        print(f"backbone {name}: {values} from its pretrained_cfg (override with --set "
+              "transforms.normalize.rgb_mean=[...])", file=sys.stderr)
+
+
+def report_padding(name: str, spec: BackboneSpec, size: tuple[int, int]) -> None:
+    """One stderr line when the backbone pads inputs of ``size`` (the training crop) to its patch
+    grid, so that a run on zero-padded borders is never a surprise."""
+    (ph, pw), (height, width) = spec.patch_size, size
+    if spec.dynamic_img_pad and (height % ph or width % pw):
+        patch = f"{ph}" if ph == pw else f"{ph}x{pw}"
+        print(f"backbone {name}: patch {patch} does not divide the {height}x{width} training crop; padding "
+              "bottom/right as timm's dynamic_img_pad", file=sys.stderr)
+
+
+def backbone_transform_defaults(config: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """``transforms`` settings the backbone implies: the RGB mean/std of its pretraining (timm's
+    ``pretrained_cfg``; CLIP, SigLIP and EVA-CLIP are not ImageNet-normalised). None for
+    ``--random-init``: a backbone pretrained on nothing keeps the library's default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if config.random_init or mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return {}
+    return {"normalize": {"rgb_mean": tuple(mean), "rgb_std": tuple(std)}}
+
+
+def build_transform_config(config: RunConfig, train_set=None, defaults: dict[str, Any] | None = None) -> TrainTransformConfig:
+    """The dataset's usual training transforms with ``defaults`` (the backbone's mean/std, or
+    an adapter's recorded preprocessing) and then ``config.transforms`` applied; within
+    ``normalize`` key by key, so a user's ``aux_mean`` keeps the backbone's ``rgb_mean``.
 
     A dataset whose images all share one size (``train_set.common_size``, the folder reader)
     trains at that size unless ``transforms.crop_size`` is set.
     """
-    options = dict(config.transforms)
+    defaults = defaults or {}
+    options = {**defaults, **config.transforms}
     valid = [f.name for f in dataclasses.fields(TrainTransformConfig)]
     common_size = getattr(train_set, "common_size", None)
     if "crop_size" not in options and common_size is not None:
@@ -272,15 +312,16 @@ def build_transform_config(config: RunConfig, train_set=None) -> TrainTransformC
         if "normalize" in options:
             if not isinstance(options["normalize"], dict):
                 raise TypeError("normalize must be an object such as {\"aux_mean\": [0.5], \"aux_std\": [0.5]}")
-            options["normalize"] = NormalizeConfig(**options["normalize"])
+            options["normalize"] = NormalizeConfig(**{**defaults.get("normalize", {}), **options["normalize"]})
         return default_train_config(config.dataset, **options)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"invalid transforms settings {config.transforms}: {exc} (keys: {valid})") from None
 
 
-def build_datasets(config: RunConfig):
-    """Train and val sets with their transforms; one sample of each is read (RNG untouched) to
-    catch bad files and settings now (the folder reader checks every file when it is built)."""
+def build_datasets(config: RunConfig, defaults: dict[str, Any] | None = None):
+    """Train and val sets with their transforms (:func:`build_transform_config`, ``defaults``
+    included); one sample of each is read (RNG untouched) to catch bad files and settings now
+    (the folder reader checks every file when it is built)."""
     try:
         train_set = get_dataset(config.dataset, root=config.root, split=config.train_split, **config.dataset_options)
         val_set = get_dataset(config.dataset, root=config.root, split=config.val_split,
@@ -291,9 +332,9 @@ def build_datasets(config: RunConfig):
         raise UsageError(f"{config.dataset} splits {config.train_split!r} and {config.val_split!r} differ: "
                          f"{train_set.aux_channels} vs {val_set.aux_channels} aux channel(s), "
                          f"{len(train_set.class_names)} vs {len(val_set.class_names)} classes")
-    transforms = build_transform_config(config, train_set)
+    transforms = build_transform_config(config, train_set, defaults)
     train_set.transform = build_transforms(config.dataset, True, transforms)
-    val_set.transform = build_transforms(config.dataset, False, normalize=transforms.normalize)
+    val_set.transform = build_transforms(config.dataset, False, transforms)
     for split, dataset in ((config.train_split, train_set), (config.val_split, val_set)):
         if len(dataset) == 0:
             raise UsageError(f"{config.dataset} split {split!r} has no samples")
@@ -351,8 +392,12 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
     ctx = init_distributed()
     seed_everything(config.train.seed)  # random-init backbones and adapter inits are reproducible
     target = resolve_device(device, ctx)
-    train_set, val_set = build_datasets(config)
-    backbone = build_backbone(config)
+    backbone = build_backbone(config)  # first: its pretraining sets the default RGB mean/std
+    defaults = backbone_transform_defaults(config, backbone)
+    train_set, val_set = build_datasets(config, defaults)
+    transforms = build_transform_config(config, train_set, defaults)
+    report_normalize(config.backbone, defaults, transforms.normalize)
+    report_padding(config.backbone, BackboneSpec.from_model(backbone), transforms.crop_size)
     num_classes = len(train_set.class_names)
     try:
         model = build_variant(config.variant, backbone, train_set.aux_channels, num_classes, **config.variant_options)

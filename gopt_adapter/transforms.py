@@ -10,6 +10,8 @@ seed: a seeded run is reproducible either way.
 
 Training pipeline (:func:`build_transforms` with ``train=True``), in this order:
 
+0. with ``image_scale != 1``, :class:`ScaleImage` resizes every sample by that fixed factor
+   (a CPU, or 1280x720 frames, trained at half size); the sizes below are in scaled pixels;
 1. :class:`RandomScale` by a factor drawn uniformly from ``scale_range``;
 2. :class:`RandomCrop` to ``crop_size``, padding labels with 255 and images with the
    normalisation mean where the image is smaller, so that after step 4 padded image pixels
@@ -24,11 +26,15 @@ random scale, no random window, no flip. The paper trains "without introducing o
 algorithms for data expansion"; the configs keep ``augment=True``, reading crop and flip as
 standard rather than data expansion (docs/benchmarks.md, "Augmentation").
 
-Evaluation keeps the full size and only normalises.
+Evaluation keeps the full size and only normalises; with ``image_scale != 1`` it first resizes
+rgb and aux by that factor but keeps the label at full resolution, and
+:func:`gopt_adapter.engine.evaluate` resizes the logits to the label's size, so metrics are
+always measured at full resolution.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -47,7 +53,10 @@ __all__ = [
     "RandomCrop",
     "CenterCrop",
     "Normalize",
+    "ScaleImage",
+    "resize_image",
     "resize_sample",
+    "scaled_size",
     "default_train_config",
     "build_transforms",
 ]
@@ -102,6 +111,9 @@ class TrainTransformConfig:
         ignore_index: label value of padded pixels.
         augment: random scale, random crop and flip (True), or only a centred crop to
             ``crop_size`` (False); ``scale_range`` and ``flip_prob`` are then unused.
+        image_scale: fixed resize factor of every image, in training and in evaluation,
+            before anything else (``crop_size`` is in scaled pixels); evaluation still scores
+            at the label's full resolution. 1.0 = the images as they are.
     """
 
     crop_size: tuple[int, int]
@@ -110,10 +122,12 @@ class TrainTransformConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     ignore_index: int = 255
     augment: bool = True
+    image_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.augment, bool):
             raise ValueError(f"augment must be true or false, got {self.augment!r}")
+        check_image_scale(self.image_scale)
         crop = tuple(int(v) for v in self.crop_size)
         if len(crop) != 2 or min(crop) < 1:
             raise ValueError(f"crop_size must be two positive ints (height, width), got {self.crop_size}")
@@ -126,6 +140,13 @@ class TrainTransformConfig:
             raise ValueError(f"normalize must be a NormalizeConfig, got {type(self.normalize).__name__}")
         object.__setattr__(self, "crop_size", crop)
         object.__setattr__(self, "scale_range", scale)
+        object.__setattr__(self, "image_scale", float(self.image_scale))
+
+
+def check_image_scale(factor: Any) -> None:
+    """Raises ``ValueError`` unless ``factor`` is a finite number > 0 (``image_scale``)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"image_scale must be a finite number > 0 (0.5 = half size), got {factor!r}")
 
 
 #: Usual training settings per dataset (``docs/datasets.md``); crop is (height, width).
@@ -150,14 +171,27 @@ def _nearest_indices(src: int, dst: int, device: torch.device) -> torch.Tensor:
     return idx.clamp_(max=src - 1)
 
 
-def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
+def scaled_size(size: Sequence[int], factor: float) -> tuple[int, int]:
+    """``(H, W)`` times ``factor``, rounded, at least one pixel."""
+    return max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize of ``[C, H, W]`` or ``[B, C, H, W]`` to ``size`` (H, W); ``antialias``
+    low-pass filters first, which shrinking needs to avoid aliasing."""
+    batch = image if image.dim() == 4 else image[None]
+    resized = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+    return resized if image.dim() == 4 else resized[0]  # [..., C, h', w']
+
+
+def resize_sample(sample: Sample, size: tuple[int, int], antialias: bool = False) -> Sample:
     """Resize rgb/aux bilinearly and the label by nearest neighbour to ``size`` (H, W)."""
     h, w = sample["label"].shape[-2:]
     if (h, w) == tuple(size):
         return sample
     out = dict(sample)
     for key in ("rgb", "aux"):
-        out[key] = F.interpolate(sample[key][None], size=size, mode="bilinear", align_corners=False)[0]  # [C, h', w']
+        out[key] = resize_image(sample[key], size, antialias)  # [C, h', w']
     label = sample["label"]
     rows = _nearest_indices(h, size[0], label.device)
     cols = _nearest_indices(w, size[1], label.device)
@@ -189,11 +223,34 @@ class RandomScale:
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         lo, hi = self.scale_range
         factor = lo + (hi - lo) * _rand(generator)
-        h, w = sample["label"].shape[-2:]
-        return resize_sample(sample, (max(1, round(h * factor)), max(1, round(w * factor))))
+        return resize_sample(sample, scaled_size(sample["label"].shape[-2:], factor))
 
     def __repr__(self) -> str:
         return f"RandomScale({self.scale_range})"
+
+
+class ScaleImage:
+    """Resize by the fixed ``factor`` of ``image_scale``: rgb/aux bilinear (antialiased when
+    shrinking), the label nearest, or left at full resolution with ``label=False`` (evaluation:
+    the logits are resized to it, so metrics stay at full resolution). Draws nothing."""
+
+    def __init__(self, factor: float, label: bool = True) -> None:
+        check_image_scale(factor)
+        self.factor = float(factor)
+        self.label = label
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        size = scaled_size(sample["rgb"].shape[-2:], self.factor)
+        antialias = self.factor < 1
+        if self.label:
+            return resize_sample(sample, size, antialias)
+        out = dict(sample)
+        for key in ("rgb", "aux"):
+            out[key] = resize_image(sample[key], size, antialias)  # [C, h', w']; label stays [H, W]
+        return out
+
+    def __repr__(self) -> str:
+        return f"ScaleImage({self.factor:g}, label={self.label})"
 
 
 class RandomHorizontalFlip:
@@ -309,28 +366,31 @@ def build_transforms(
     config: TrainTransformConfig | None = None,
     normalize: NormalizeConfig | None = None,
 ) -> Compose:
-    """Training or evaluation transforms for dataset ``name``.
+    """Training or evaluation transforms for dataset ``name`` from ``config`` (default:
+    :func:`default_train_config`).
 
-    ``train=True`` builds scale -> crop -> flip -> normalise from ``config`` (default:
-    :func:`default_train_config`), or centred crop -> normalise with ``config.augment`` off;
-    ``train=False`` only normalises, at full size.
+    ``train=True`` builds scale -> crop -> flip -> normalise, or centred crop -> normalise
+    with ``config.augment`` off; ``train=False`` only normalises, at full size. Either starts
+    with a :class:`ScaleImage` when ``config.image_scale != 1`` (evaluation: rgb/aux only).
     ``normalize`` overrides the mean/std of either.
     """
     if name.lower().replace("-", "_") not in DEFAULT_TRAIN_SETTINGS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DEFAULT_TRAIN_SETTINGS)}")
-    if train:
-        config = config or default_train_config(name)
-        if normalize is not None:
-            config = replace(config, normalize=normalize)
-        norm = config.normalize
-        # padding with the mean makes padded pixels exactly 0 after normalisation
-        fills = dict(rgb_fill=norm.rgb_mean, aux_fill=norm.aux_mean, label_fill=config.ignore_index)
-        if not config.augment:
-            return Compose([CenterCrop(config.crop_size, **fills), Normalize(norm)])
-        return Compose([
-            RandomScale(config.scale_range),
-            RandomCrop(config.crop_size, **fills),
-            RandomHorizontalFlip(config.flip_prob),
-            Normalize(norm),
-        ])
-    return Compose([Normalize(normalize or NormalizeConfig())])
+    config = config or default_train_config(name)
+    if normalize is not None:
+        config = replace(config, normalize=normalize)
+    norm = config.normalize
+    rescale = [ScaleImage(config.image_scale, label=train)] if config.image_scale != 1 else []
+    if not train:
+        return Compose([*rescale, Normalize(norm)])
+    # padding with the mean makes padded pixels exactly 0 after normalisation
+    fills = dict(rgb_fill=norm.rgb_mean, aux_fill=norm.aux_mean, label_fill=config.ignore_index)
+    if not config.augment:
+        return Compose([*rescale, CenterCrop(config.crop_size, **fills), Normalize(norm)])
+    return Compose([
+        *rescale,
+        RandomScale(config.scale_range),
+        RandomCrop(config.crop_size, **fills),
+        RandomHorizontalFlip(config.flip_prob),
+        Normalize(norm),
+    ])

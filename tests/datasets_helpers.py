@@ -14,7 +14,10 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+#: ``../shared`` beside the repository (a checkout or worktree): data used, never shipped.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"  # small real sample files
+FIELD = SHARED / "field"  # real datasets and weights for field tests (field/README.md)
 
 
 def write_png(path: Path, arr: np.ndarray) -> None:

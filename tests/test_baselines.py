@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from gopt_adapter import count_parameters
-from gopt_adapter.baselines import VARIANTS, BaselineSegmenter, build_foundation, build_lora, build_variant, build_vpt
+from gopt_adapter.baselines import (
+    VARIANTS,
+    BaselineSegmenter,
+    build_foundation,
+    build_lora,
+    build_probe,
+    build_variant,
+    build_vpt,
+)
 from conftest import assert_bitwise_equal, family_inputs, make_backbone, snapshot
 
 DEPTH, CLASSES, AUX = 4, 5, 1
@@ -76,7 +84,7 @@ def full_aux_embed(aux=AUX, dim=D):
 # ------------------------------------------------------------------- registry
 def test_registry_covers_the_paper_rows_lora_and_the_interval_sweep():
     assert set(VARIANTS) == {
-        "foundation", "fft", "fft_early", "vpt_shallow", "vpt_deep", "lora", "gopt", "gopt_shallow", "gopt_no_cup",
+        "foundation", "probe", "fft", "fft_early", "vpt_shallow", "vpt_deep", "lora", "gopt", "gopt_shallow", "gopt_no_cup",
         "gopt_no_acp", "gopt_rgb_query", "gopt_aux_dropout", "gopt_soft", "gopt_i1", "gopt_i2", "gopt_i4", "gopt_i6", "gopt_i12",
     }
     assert all(variant.name == name for name, variant in VARIANTS.items())
@@ -208,6 +216,7 @@ def test_parameter_counts_match_the_formulas():
     feature_path = backbone_total - classifier
     expected = {
         "foundation": feature_path + head_params(),
+        "probe": head_params(),  # the frozen backbone and GoPT's default head: nothing else trains
         "fft_early": feature_path + full_aux_embed(aux) + head_params(),
         # a private copy of each LayerNorm (2 per block, the final one), the aux patch embedding, the fusion
         "fft": feature_path + (2 * DEPTH + 1) * 2 * D + full_aux_embed(aux) + D + head_params(),
@@ -232,15 +241,30 @@ def test_lora_parameter_count_matches_the_formula():
 
 
 # ---------------------------------------------------------- variant specifics
-def test_foundation_ignores_aux_but_checks_it_like_every_variant():
-    segmenter = build("foundation").eval()
+@pytest.mark.parametrize("name", ["foundation", "probe"])
+def test_rgb_only_variants_ignore_aux_but_check_it_like_every_variant(name):
+    segmenter = build(name).eval()
     rgb, aux = family_inputs("vit")
     with torch.no_grad():
         torch.testing.assert_close(segmenter(rgb, aux), segmenter(rgb, torch.randn_like(aux)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="wrong aux channel count"):
         segmenter(rgb, aux.repeat(1, 3, 1, 1))
-    hha = build_foundation(make_backbone("vit"), CLASSES, aux_channels=3)
+    hha = build_foundation(make_backbone("vit"), CLASSES, aux_channels=3) if name == "foundation" else \
+        build_probe(make_backbone("vit"), 3, CLASSES)
     assert hha(rgb, aux.repeat(1, 3, 1, 1)).shape[1] == CLASSES
+
+
+def test_probe_is_gopts_head_on_the_frozen_backbone():
+    """The probe's head is the one GoPT builds by default (same type, same shapes), the backbone
+    stays in eval mode while the head trains, and the registry marks the backbone frozen."""
+    from gopt_adapter import apply_gopt
+
+    probe = build("probe").train()
+    gopt_head = apply_gopt(make_backbone("vit", depth=DEPTH), AUX, CLASSES, hidden_dim=8).adapter.head
+    assert type(probe.adapter.head) is type(gopt_head)
+    assert [p.shape for p in probe.adapter.head.parameters()] == [p.shape for p in gopt_head.parameters()]
+    assert probe.adapter.head.training and not probe.backbone.training
+    assert VARIANTS["probe"].frozen_backbone and VARIANTS["probe"].paper is None
 
 
 @pytest.mark.parametrize("name", ["fft", "fft_early", "vpt_deep", "lora", "gopt"])

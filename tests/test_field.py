@@ -1,29 +1,50 @@
-"""Real frames and real weights (``../shared/field``): GoPT trains soundly on them.
+"""Field tests: real frames and real weights from ``../shared/field`` (skipped where it is absent).
 
-Skipped where ``../shared/field`` is absent.
+Cheap on purpose (one forward; a few steps on two frames at a fifth of their size); what training
+on them gives is a benchmark's job (``benchmarks.field``).
 """
-
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gopt_adapter import apply_gopt
+from datasets_helpers import FIELD
+from gopt_adapter import apply_gopt, recipe
 from gopt_adapter.backbone import create_backbone
+from gopt_adapter.baselines import build_variant
 from gopt_adapter.datasets import get_dataset
-from gopt_adapter.transforms import IMAGENET_MEAN, IMAGENET_STD
+from gopt_adapter.preprocessing import dataset_preprocessing
+from gopt_adapter.transforms import IMAGENET_MEAN, IMAGENET_STD, NormalizeConfig
 
-FIELD = Path(__file__).resolve().parents[2] / "shared" / "field"
-ROOT = FIELD / "mfnet_subset"
-WEIGHTS = FIELD / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
+MFNET = FIELD / "mfnet_subset"
+DINOV2 = FIELD / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
 
-pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason="../shared/field (real frames and weights) is absent")
+pytestmark = [pytest.mark.skipif(not (MFNET / "val.txt").is_file() or not DINOV2.is_file(),
+                                 reason="../shared/field (real MFNet frames, real ViT-S/14 weights) is absent"),
+              pytest.mark.usefixtures("one_thread")]
+
+
+def test_a_patch_14_backbone_runs_on_a_real_480x640_mfnet_frame_with_no_flags():
+    """The recipe's own builders, as ``gopt train --dataset mfnet --backbone vit_small_patch14_dinov2
+    --weights ...`` runs them: 14 does not divide 480x640, and no flag is needed; DINOv2's
+    pretrained_cfg keeps ImageNet's mean/std; GoPT's logits cover the whole frame."""
+    config = recipe.load_run_config(recipe.parse_args(
+        ["--dataset", "mfnet", "--root", str(MFNET), "--backbone", "vit_small_patch14_dinov2",
+         "--weights", str(DINOV2), "--val-split", "val"]))
+    backbone = recipe.build_backbone(config)
+    _, val_set = recipe.build_datasets(config, recipe.backbone_transform_defaults(config, backbone))
+    assert dataset_preprocessing(val_set).normalize == NormalizeConfig()
+    sample = val_set[0]
+    assert sample["rgb"].shape == (3, 480, 640) and sample["aux"].shape == (1, 480, 640)
+    segmenter = build_variant("gopt", backbone, val_set.aux_channels, len(val_set.class_names))
+    with torch.no_grad():
+        logits = segmenter(sample["rgb"][None], sample["aux"][None])  # [1, 9, 480, 640] from a 35x46 token grid
+    assert logits.shape == (1, 9, 480, 640) and bool(torch.isfinite(logits).all())
 
 
 def real_batch(stems_at: tuple[int, ...], scale: float):
     """Frames of the field's ``train`` split at ``scale``, normalised as the backbone was trained."""
-    dataset = get_dataset("mfnet", root=ROOT, split="train")
+    dataset = get_dataset("mfnet", root=MFNET, split="train")
     rgb, aux, label = [], [], []
     for index in stems_at:
         sample = dataset[index]
@@ -35,9 +56,9 @@ def real_batch(stems_at: tuple[int, ...], scale: float):
     return (torch.stack(rgb) - mean) / std, (torch.stack(aux) - 0.5) / 0.5, torch.stack(label)
 
 
-def test_gopt_trains_on_two_real_frames_with_finite_gradients_and_a_falling_loss(one_thread):
+def test_gopt_trains_on_two_real_frames_with_finite_gradients_and_a_falling_loss():
     torch.manual_seed(0)
-    backbone = create_backbone("vit_small_patch14_dinov2", WEIGHTS, {"dynamic_img_pad": True})
+    backbone = create_backbone("vit_small_patch14_dinov2", DINOV2, {"dynamic_img_pad": True})
     segmenter = apply_gopt(backbone, aux_channels=1, num_classes=9)
     rgb, aux, label = real_batch((0, 50), scale=0.2)  # a day and a night frame, 96x128: 7x10 patches
     params = [p for p in segmenter.parameters() if p.requires_grad]

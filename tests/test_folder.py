@@ -171,7 +171,8 @@ def test_train_then_inspect_predict_eval_with_only_the_weights(tmp_path, capsys,
     assert record["backbone_init"] == "weights" and record["class_names"] == ["sky", "road", "car"]
     file = read_adapter_file(out / "adapter.safetensors")
     assert file.class_names == ("sky", "road", "car")
-    assert (file.backbone_name, file.backbone_kwargs) == ("vit_base_patch16_224", KWARGS)
+    # gopt train builds every backbone that takes it with dynamic_img_pad; the file says so for the rebuild
+    assert (file.backbone_name, file.backbone_kwargs) == ("vit_base_patch16_224", {**KWARGS, "dynamic_img_pad": True})
     assert file.preprocessing.aux_scale == "per_image"
     capsys.readouterr()
 

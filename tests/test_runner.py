@@ -178,7 +178,7 @@ def test_a_diverging_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
     assert not (out / "results.json").exists() and not (out / "adapter.safetensors").exists()
 
 
-@pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early"])
+@pytest.mark.parametrize("variant", ["vpt_shallow", "fft", "fft_early", "probe"])
 def test_baseline_run_keeps_its_trained_tensors(tmp_path, variant):
     """Baselines have no adapter file: their trainable tensors go to trained.safetensors."""
     out = tmp_path / variant

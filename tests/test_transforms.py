@@ -14,6 +14,7 @@ from gopt_adapter.transforms import (
     RandomCrop,
     RandomHorizontalFlip,
     RandomScale,
+    ScaleImage,
     TrainTransformConfig,
     build_transforms,
     default_train_config,
@@ -204,3 +205,32 @@ def test_augment_is_on_by_default_and_must_be_a_bool() -> None:
     for bad in ("false", 0, None):
         with pytest.raises(ValueError, match="augment must be true or false"):
             TrainTransformConfig(crop_size=(4, 4), augment=bad)
+
+
+def test_image_scale_resizes_first_in_training_and_only_the_inputs_in_evaluation() -> None:
+    """Half size: rgb/aux antialiased (a shrink), labels nearest in training and untouched in
+    evaluation; the step leads both pipelines and is absent at scale 1 (pipelines unchanged)."""
+    import torch.nn.functional as F
+
+    sample = coord_sample(12, 20)
+    train = build_transforms("nyudv2", True, default_train_config("nyudv2", crop_size=(6, 10), image_scale=0.5))
+    evaluation = build_transforms("nyudv2", False, default_train_config("nyudv2", image_scale=0.5))
+    assert [type(t).__name__ for t in train.transforms] == ["ScaleImage", "RandomScale", "RandomCrop",
+                                                            "RandomHorizontalFlip", "Normalize"]
+    assert [type(t).__name__ for t in evaluation.transforms] == ["ScaleImage", "Normalize"]
+    assert [type(t).__name__ for t in build_transforms("nyudv2", False).transforms] == ["Normalize"]
+    scaled = ScaleImage(0.5)(sample)
+    expected_rgb = F.interpolate(sample["rgb"][None], size=(6, 10), mode="bilinear", antialias=True)[0]
+    assert torch.equal(scaled["rgb"], expected_rgb)
+    assert torch.equal(scaled["label"], sample["label"][1::2, 1::2])  # nearest (pixel centres): input values only
+    out = evaluation(sample)
+    assert out["rgb"].shape == (3, 6, 10) and torch.equal(out["label"], sample["label"])
+    grown = ScaleImage(1.5)(sample)  # enlarging: plain bilinear, as RandomScale resizes
+    assert torch.equal(grown["aux"], F.interpolate(sample["aux"][None], size=(18, 30), mode="bilinear")[0])
+
+
+def test_image_scale_must_be_a_finite_positive_number() -> None:
+    assert default_train_config("nyudv2").image_scale == 1.0
+    for bad in (0, -0.5, float("nan"), float("inf"), True, "0.5", None):
+        with pytest.raises(ValueError, match="image_scale must be a finite number > 0"):
+            TrainTransformConfig(crop_size=(4, 4), image_scale=bad)
