@@ -38,6 +38,12 @@ def recomputed(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.
     return fn(*inputs)
 
 
+def standardized(tokens: torch.Tensor) -> torch.Tensor:
+    """Each token of ``[B, N, r]`` at zero mean and unit variance over its ``r`` features (a
+    LayerNorm without parameters: nothing to train, nothing added to an adapter file)."""
+    return F.layer_norm(tokens, tokens.shape[-1:])
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """One-head ``softmax(q k^T / sqrt(r)) v`` on ``[B, N, r]`` tokens, with no projections.
 
@@ -126,6 +132,13 @@ class AlignmentCrossModalPrompter(nn.Module):
 class GroupingPrompter(nn.Module):
     """The prompter placed before one frozen block: it rescales the block's patch tokens.
 
+    With CUP, what it hands on, the aux tokens ``f_hat`` and the group prompts ``P_m`` (eq. 15's
+    next class tokens), is standardised (a LayerNorm without parameters) before ACP and the next
+    prompter read it: every prompter then receives tokens of the scale the first one does.
+    Unnormalised, both grow by about ``sqrt(r)`` per prompter (the residual of eq. 4-6 and the
+    ``Wo`` term of eq. 10 add up over eq. 15's chain), ACP's cross-attention turns one-hot and
+    CUP's grouping collapses into one or two groups (docs/method.md, reading 12).
+
     Ablations (paper Table 4): without CUP the group prompts are the incoming class tokens
     plus the mean aux token (no self-attention, no grouping), and the class tokens pass on
     unchanged (nothing was grouped, so eq. 15 has no new prompts to inherit; handing on the
@@ -146,7 +159,8 @@ class GroupingPrompter(nn.Module):
         """A block input ``[B, P + S, D]`` (or SAM's ``[B, h, w, D]``) -> the same with its patch
         tokens rescaled (prefix tokens untouched), and the state for the next prompter."""
         if self.cup is not None:
-            aux_tokens, prompts, assign = self.cup(state.aux_tokens, state.class_tokens)
+            aux_hat, prompts, assign = self.cup(state.aux_tokens, state.class_tokens)
+            aux_tokens, prompts = standardized(aux_hat), standardized(prompts)  # [B, S, r], [B, C, r]
             inherited = prompts  # eq. 15: c_m <- P_m
         else:
             aux_tokens = state.aux_tokens

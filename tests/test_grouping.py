@@ -129,6 +129,7 @@ def test_without_acp_tokens_take_their_aux_groups_prompt():
     with torch.no_grad():
         _, prompts, assign = prompter.cup(state.aux_tokens, state.class_tokens)
         out, _ = prompter(torch.ones(1, 5, 6), 0, state)
+    prompts = torch.nn.functional.layer_norm(prompts, (4,))  # what CUP hands on is standardised
     expected = prompts[0][assign[0].argmax(-1)]  # [S, r]
     torch.testing.assert_close(out[0, :, :4], 1 + expected)
 
@@ -232,3 +233,35 @@ def test_empty_groups_under_hard_assignment_keep_gradients_and_adam_states_finit
         assert torch.isfinite(param).all()
         state = optimizer.state[param]
         assert torch.isfinite(state["exp_avg"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
+
+
+def test_cup_hands_on_tokens_at_the_first_prompters_scale_so_attention_stays_soft():
+    """What CUP hands to ACP and to the next prompter is standardised: over twelve chained
+    prompters the aux tokens and class tokens keep the norm sqrt(r) the first prompter receives,
+    and ACP's cross-attention stays as soft at the last prompter as at the second. Unnormalised,
+    both norms grew about tenfold over twelve prompters and the attention turned one-hot."""
+    torch.manual_seed(0)
+    spec = BackboneSpec.from_model(make_backbone("vit", depth=12))
+    adapter = GoptAdapter(GoptConfig(1, 9), spec).eval()
+    received, entropy = [], []
+    for prompter in adapter.prompters:
+        prompter.register_forward_pre_hook(lambda m, args: received.append(args[2]))  # (tokens, P, state)
+        prompter.acp.register_forward_pre_hook(
+            lambda m, args: entropy.append(attention_entropy(m, *args)))
+    aux, x = torch.randn(2, 1, 128, 128), torch.randn(2, 1 + 64, spec.embed_dim)  # 8x8 patches of 16
+    state = adapter.initial_state(aux)
+    with torch.no_grad():
+        for index in range(12):
+            x, state = adapter.prompt(index, x, state)
+    r = adapter.config.hidden_dim
+    for state in received[1:]:
+        torch.testing.assert_close(state.aux_tokens.norm(dim=-1), torch.full((2, 64), r ** 0.5), rtol=1e-3, atol=0)
+        torch.testing.assert_close(state.class_tokens.norm(dim=-1), torch.full((2, 9), r ** 0.5), rtol=1e-3, atol=0)
+    assert min(entropy[1:]) > 0.5 * entropy[1]
+
+
+def attention_entropy(acp, tokens, num_prefix_tokens, prompts, aux_tokens):
+    """Mean entropy (nats) of ACP's cross-attention weights over the group prompts (eq. 12, 14)."""
+    query = acp.project(tokens)[:, num_prefix_tokens:] + aux_tokens
+    weights = (query @ prompts.transpose(1, 2) / query.shape[-1] ** 0.5).softmax(-1)
+    return float(-(weights * weights.clamp_min(1e-12).log()).sum(-1).mean())
