@@ -110,7 +110,7 @@ def build_parser(prog: str = "gopt train") -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
     parser.add_argument("--root", help="folder of your copy of the dataset (not needed for synthetic)")
-    parser.add_argument("--variant", default="gopt", help=f"one of {sorted(VARIANTS)}")
+    parser.add_argument("--variant", help=f"one of {sorted(VARIANTS)} (default: the config's, else gopt)")
     parser.add_argument("--config", help="JSON settings file (default: the package's configs/<dataset>.json)")
     parser.add_argument("--backbone", help="timm model name (default from the config)")
     init = parser.add_argument_group("backbone weights (exactly one is required)")

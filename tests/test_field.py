@@ -4,6 +4,8 @@ Cheap on purpose (one forward; a few steps on two frames at a fifth of their siz
 on them gives is a benchmark's job (``benchmarks.field``).
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,3 +76,21 @@ def test_gopt_trains_on_two_real_frames_with_finite_gradients_and_a_falling_loss
         losses.append(loss.item())
     assert all(torch.isfinite(p).all() for p in params)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_the_field_benchmark_trains_every_row_to_finite_weights_that_predict_several_classes(tmp_path, capsys):
+    """``python -m benchmarks.field --quick``: every row of the real-frame table, one epoch at a
+    tenth of the frames' size, through ``gopt train``'s own path; a row with non-finite steps or
+    one predicted class would make it exit 1. Run again, it reuses every record."""
+    from benchmarks import field
+
+    argv = ["--quick", "--out", str(tmp_path), "--root", str(MFNET), "--weights", str(DINOV2)]
+    assert field.main(argv) == 0
+    records = [json.loads(path.read_text()) for path in sorted((tmp_path / "runs").glob("*.json"))]
+    assert sorted(r["variant"] for r in records) == sorted(field.ROWS)
+    for record in records:
+        assert record["nonfinite_steps"] == 0 and record["predicted_classes"] >= 2
+        assert 0 <= record["miou"] <= 1 and set(record["iou"]) == set(field.SHOWN_CLASSES)
+    capsys.readouterr()
+    assert field.main(argv) == 0
+    assert f"({len(field.ROWS)} runs found finished were not run again)" in capsys.readouterr().out

@@ -449,3 +449,14 @@ def test_the_configs_augment_and_one_setting_turns_it_off():
         transforms = recipe.build_transform_config(config)
         assert transforms.crop_size == (64, 64)
         assert [type(t).__name__ for t in build_transforms("synthetic", True, transforms).transforms] == expected
+
+
+def test_a_settings_file_chooses_the_variant_unless_the_flag_does(tmp_path):
+    """``gopt train --config field_probe.json`` trains the file's variant; ``--variant`` overrides it."""
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"variant": "probe", "train": {"epochs": 1}}))
+    base = ["--dataset", "synthetic", "--config", str(settings), "--random-init"]
+    assert recipe.load_run_config(recipe.parse_args(base)).variant == "probe"
+    assert recipe.load_run_config(recipe.parse_args([*base, "--variant", "vpt_deep"])).variant == "vpt_deep"
+    settings.write_text(json.dumps({"train": {"epochs": 1}}))
+    assert recipe.load_run_config(recipe.parse_args(base)).variant == "gopt"
