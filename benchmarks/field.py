@@ -297,6 +297,7 @@ def report(recipe: FieldRecipe, records: list[dict[str, Any]], chosen: dict[str,
 def write_configs(recipe: FieldRecipe, chosen: dict[str, float], folder: Path = CONFIGS) -> list[Path]:
     """``field_<variant>.json`` for every row with its chosen LR: ``gopt train --config`` files."""
     written = []
+    folder.mkdir(parents=True, exist_ok=True)
     for variant, lr in chosen.items():
         path = folder / f"field_{variant}.json"
         atomic_write_bytes(path, (json.dumps(recipe.settings(variant, lr), indent=2) + "\n").encode())
