@@ -94,3 +94,19 @@ def test_the_field_benchmark_trains_every_row_to_finite_weights_that_predict_sev
     capsys.readouterr()
     assert field.main(argv) == 0
     assert f"({len(field.ROWS)} runs found finished were not run again)" in capsys.readouterr().out
+
+
+def test_the_shipped_field_settings_are_gopt_train_config_files(tmp_path):
+    """``benchmarks/configs/field_<variant>.json`` load through ``gopt train --config`` as the
+    benchmark's recipe at the row's chosen LR; ``write_configs`` makes them, folder included."""
+    from benchmarks import field
+
+    for variant in field.ROWS:
+        path = field.CONFIGS / f"field_{variant}.json"
+        config = recipe.load_run_config(recipe.parse_args(
+            ["--dataset", "mfnet", "--config", str(path), "--root", str(MFNET), "--weights", str(DINOV2)]))
+        assert config.variant == variant and config.backbone == field.BACKBONE
+        assert json.loads(path.read_text()) == field.FieldRecipe().settings(variant, config.train.lr)
+        assert config.train.lr in field.FieldRecipe().lr_grid
+    written = field.write_configs(field.QUICK, {"gopt": 0.01}, tmp_path / "new")
+    assert json.loads(written[0].read_text()) == field.QUICK.settings("gopt", 0.01)
