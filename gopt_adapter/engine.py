@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from .files import atomic_write_bytes
 from .metrics import SegMetrics
 from .numerics import finite_flags, shown
+from .transforms import resize_logits
 
 IGNORE_INDEX = 255
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -262,14 +263,6 @@ def sliding_window_logits(model: Callable, rgb: torch.Tensor, aux: torch.Tensor,
             logits[crop] += model(rgb[crop], aux[crop]).float()
             counts[crop] += 1
     return logits / counts
-
-
-def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Logits ``[B, K, h, w]`` bilinearly resized to ``size`` (the label's full resolution, where
-    the inputs were scaled by ``transforms.image_scale``); unchanged when already that size."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)  # [B, K, H, W]
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:

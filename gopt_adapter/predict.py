@@ -42,11 +42,10 @@ from PIL import Image
 
 from .adapter_io import AdapterFile, read_adapter_file
 from .datasets.base import check_same_size, files_by_stem, read_image
-from .engine import resize_logits
 from .model import GoptSegmenter
 from .preprocessing import check_aux_channels
 from .scaling import AUX_NORMALIZATIONS, scale_to_unit
-from .transforms import NormalizeConfig, check_image_scale, resize_image, scaled_size
+from .transforms import NormalizeConfig, check_image_scale, resize_image, resize_logits, scaled_size
 from .visualize import class_palette, colorize_aux, make_panel
 
 __all__ = [

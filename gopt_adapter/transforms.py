@@ -55,6 +55,7 @@ __all__ = [
     "Normalize",
     "ScaleImage",
     "resize_image",
+    "resize_logits",
     "resize_sample",
     "scaled_size",
     "default_train_config",
@@ -182,6 +183,14 @@ def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = F
     batch = image if image.dim() == 4 else image[None]
     resized = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=antialias)
     return resized if image.dim() == 4 else resized[0]  # [..., C, h', w']
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits ``[B, K, h, w]`` bilinearly resized to ``size`` (the label's full resolution, where
+    the inputs were scaled by ``image_scale``), in float32; unchanged when already that size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return resize_image(logits.float(), tuple(size))  # [B, K, H, W]
 
 
 def resize_sample(sample: Sample, size: tuple[int, int], antialias: bool = False) -> Sample:
