@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,7 +38,7 @@ from gopt_adapter.engine import Dist, TrainConfig, Trainer
 from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.parameters import count_parameters
 
-from .markdown import invocation, write_section
+from .markdown import invocation, mean_std, write_section
 from .suite import TABLES
 
 # Table 4 rows in the paper's order (GoPT with eq. 12 as printed beside ours), then the
@@ -207,14 +205,6 @@ def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]
 
 
 # ---------------------------------------------------------------------- report
-def mean_std(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
-
-
 def _paper_table4() -> tuple[dict[str, str], dict[str, dict[str, float | None]]]:
     """Row labels and mIoU per variant and dataset of the paper's Table 4 (from benchmarks.suite)."""
     table = next(t for t in TABLES if t.title.startswith("Table 4"))

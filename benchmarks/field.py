@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import multiprocessing
 import statistics
 import sys
@@ -43,7 +42,7 @@ from gopt_adapter.baselines import VARIANTS
 from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.version import __version__
 
-from .markdown import invocation, write_section
+from .markdown import invocation, mean_std, write_section
 
 FIELD = Path(__file__).resolve().parents[2] / "shared" / "field"
 ROOT = FIELD / "mfnet_subset"
@@ -245,14 +244,6 @@ def problems(records: list[dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- report
-def mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
-
-
 def report(recipe: FieldRecipe, records: list[dict[str, Any]], chosen: dict[str, float], wall_s: float,
            reused: int) -> str:
     """Markdown: how the rows were trained, then one line per row, mean ± std over the seeds."""

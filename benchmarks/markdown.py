@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from gopt_adapter.files import atomic_write_bytes
+
+
+def mean_std(values: list[float | None]) -> str:
+    """``"mean ± std"`` of fractions, in percent with one decimal; values that are ``None`` or
+    NaN (a class never seen) are left out, ``"-"`` when none is left."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
 
 
 def invocation(module: str, argv: Sequence[str] | None) -> str:

@@ -23,7 +23,8 @@ from gopt_adapter.aux_faults import ROBUSTNESS_FAULTS, FaultyAux, WithoutAux
 from gopt_adapter.baselines import AUX_DROPOUT
 from gopt_adapter.engine import evaluate
 
-from .ablation import AblationConfig, build_parser, finish_run, mean_std, miou_record, run_benchmark, setup, train_run
+from .ablation import AblationConfig, build_parser, finish_run, miou_record, run_benchmark, setup, train_run
+from .markdown import mean_std
 
 VARIANTS = ("foundation", "gopt", "gopt_aux_dropout", "vpt_deep", "lora", "fft")
 LABELS = {"foundation": "Foundation (RGB only)", "gopt": "GoPT", "gopt_aux_dropout": f"GoPT + aux_dropout {AUX_DROPOUT:g}",
