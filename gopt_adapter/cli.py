@@ -72,7 +72,7 @@ def _add_train(commands) -> None:
 def _add_eval(commands) -> None:
     ev = commands.add_parser(
         "eval", help="evaluate a saved adapter on a dataset split and print the metrics",
-        description="Evaluates a saved adapter file on a split of a dataset and prints per-class IoU and the "
+        description="Evaluates a saved adapter file on a split of a dataset and prints per-class IoU, F1 and the "
                     "metrics (last line: JSON). The dataset and its transforms come from the package's "
                     "configs/<dataset>.json (or --config) and the flags, exactly as 'gopt train' builds them, with "
                     "the mean/std and image scale the adapter file records (--set transforms.* overrides them); "
@@ -383,12 +383,12 @@ def _eval(args: argparse.Namespace) -> int:
                        amp=config.train.amp, progress=not args.no_progress)
     width = max(len(n) for n in names)
     print(f"{config.dataset} / {config.val_split}: {len(dataset)} images, adapter {args.adapter}")
-    print(f"{'class':<{width}}  {'IoU':>6}  {'acc':>6}")
-    for name, iou, acc in zip(names, metrics["iou"], metrics["acc"]):
+    print(f"{'class':<{width}}  {'IoU':>6}  {'F1':>6}  {'acc':>6}")
+    for name, iou, f1, acc in zip(names, metrics["iou"], metrics["f1"], metrics["acc"]):
         fmt = lambda v: "     -" if math.isnan(v) else f"{100 * v:6.2f}"  # noqa: E731
-        print(f"{name:<{width}}  {fmt(iou)}  {fmt(acc)}")
-    print(f"mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
-          f"mean acc {100 * metrics['mean_acc']:.2f}")
+        print(f"{name:<{width}}  {fmt(iou)}  {fmt(f1)}  {fmt(acc)}")
+    print(f"mIoU {100 * metrics['miou']:.2f}  mean F1 {100 * metrics['mean_f1']:.2f}  "
+          f"pixel acc {100 * metrics['pixel_acc']:.2f}  mean acc {100 * metrics['mean_acc']:.2f}")
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
     return 0
 

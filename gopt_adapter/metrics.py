@@ -24,6 +24,8 @@ class SegMetrics:
     * ``iou[k]`` = diagonal / (row sum + column sum - diagonal); a class absent from both
       ground truth and prediction has ``nan`` IoU and is left out of ``miou``. A class
       predicted but absent from the ground truth has IoU 0 and counts.
+    * ``f1[k]`` (= Dice) = 2 diagonal / (row sum + column sum); ``mean_f1`` leaves out and
+      counts classes exactly as ``miou`` does (F1 and IoU share their denominator's zeros).
     * ``kappa`` = (p_o - p_e) / (1 - p_e), p_o = OA, p_e = sum_k row_k col_k / total^2;
       defined as 1.0 when p_e = 1 and p_o = 1 (a single class everywhere, all correct).
     * ``predicted_pixels[k]`` = column sum (pixels predicted as ``k``); ``predicted_classes`` =
@@ -106,35 +108,39 @@ class SegMetrics:
         dist.all_reduce(self.confmat, op=dist.ReduceOp.SUM, group=group)
 
     def compute(self) -> dict[str, Any]:
-        """Return ``pixel_acc, oa, mean_acc, aa, miou, kappa`` (floats), ``iou, acc`` (per-class
-        lists of floats, ``nan`` where undefined), ``predicted_pixels`` (per-class ints),
+        """Return ``pixel_acc, oa, mean_acc, aa, miou, mean_f1, kappa`` (floats), ``iou, f1, acc``
+        (per-class lists of floats, ``nan`` where undefined), ``predicted_pixels`` (per-class ints),
         ``predicted_classes`` and ``total`` pixels."""
         k = self.num_classes
         cm = (self.confmat if self.confmat is not None else torch.zeros(k, k, dtype=torch.int64)).double().cpu()
         total = float(cm.sum())
         nan = float("nan")
         if total == 0:
-            return {"pixel_acc": nan, "oa": nan, "mean_acc": nan, "aa": nan, "miou": nan, "kappa": nan,
-                    "iou": [nan] * k, "acc": [nan] * k, "predicted_pixels": [0] * k, "predicted_classes": 0,
-                    "total": 0}
+            return {"pixel_acc": nan, "oa": nan, "mean_acc": nan, "aa": nan, "miou": nan, "mean_f1": nan,
+                    "kappa": nan, "iou": [nan] * k, "f1": [nan] * k, "acc": [nan] * k, "predicted_pixels": [0] * k,
+                    "predicted_classes": 0, "total": 0}
         diag = cm.diagonal()
         rows, cols = cm.sum(1), cm.sum(0)  # ground-truth and prediction counts per class
         union = rows + cols - diag
         acc = torch.where(rows > 0, diag / rows.clamp(min=1), torch.full_like(diag, nan))
         iou = torch.where(union > 0, diag / union.clamp(min=1), torch.full_like(diag, nan))
+        f1 = torch.where(union > 0, 2 * diag / (rows + cols).clamp(min=1), torch.full_like(diag, nan))  # = Dice
         p_o = float(diag.sum()) / total
         p_e = float((rows * cols).sum()) / total**2
         kappa = 1.0 if p_e >= 1.0 else (p_o - p_e) / (1.0 - p_e)
         mean_acc = float(acc[~acc.isnan()].mean())
         miou = float(iou[~iou.isnan()].mean())
+        mean_f1 = float(f1[~f1.isnan()].mean())
         return {
             "pixel_acc": p_o,
             "oa": p_o,
             "mean_acc": mean_acc,
             "aa": mean_acc,
             "miou": miou,
+            "mean_f1": mean_f1,
             "kappa": kappa,
             "iou": [float(v) for v in iou],
+            "f1": [float(v) for v in f1],
             "acc": [float(v) for v in acc],
             "predicted_pixels": [int(v) for v in cols],
             "predicted_classes": int((cols > 0).sum()),

@@ -46,6 +46,26 @@ def test_class_absent_from_gt_and_pred_is_left_out() -> None:
     assert r["mean_acc"] == pytest.approx((1 / 2 + 1) / 2)
 
 
+def test_f1_is_dice_per_class_and_its_mean_skips_classes_absent_from_both() -> None:
+    # confusion matrix by hand (rows = gt), 4 classes:
+    #   [[2, 1, 0, 0],
+    #    [0, 3, 0, 1],
+    #    [0, 0, 0, 0],    class 2: neither in the ground truth nor predicted
+    #    [0, 0, 0, 0]]    class 3: predicted once, never in the ground truth
+    target = torch.tensor([0, 0, 0, 1, 1, 1, 1, 255])
+    pred = torch.tensor([0, 0, 1, 1, 1, 1, 3, 2])  # the ignored pixel's prediction does not count
+    m = SegMetrics(4)
+    m.update(pred, target)
+    assert m.confmat.tolist() == [[2, 1, 0, 0], [0, 3, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    r = m.compute()
+    # F1 = 2 TP / (2 TP + FP + FN): class 0: 2*2 / (4 + 0 + 1) = 4/5; class 1: 2*3 / (6 + 1 + 1) = 3/4;
+    # class 3: 0 / (0 + 1 + 0) = 0 (predicted, absent: counts); class 2: 0/0, left out as its IoU is
+    assert r["f1"][0] == pytest.approx(4 / 5) and r["f1"][1] == pytest.approx(3 / 4) and r["f1"][3] == 0.0
+    assert math.isnan(r["f1"][2]) and math.isnan(r["iou"][2])
+    assert r["mean_f1"] == pytest.approx((4 / 5 + 3 / 4 + 0) / 3)
+    assert math.isnan(SegMetrics(2).compute()["mean_f1"])
+
+
 def test_perfect_and_single_class() -> None:
     m = SegMetrics(2)
     m.update(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long))
@@ -99,11 +119,12 @@ def numpy_metrics(pred: np.ndarray, target: np.ndarray, k: int) -> dict:
         if 0 <= t < k:
             cm[t, p] += 1
     total = cm.sum()
-    accs, ious = [], []
+    accs, ious, f1s = [], [], []
     for c in range(k):
         row, col, tp = cm[c, :].sum(), cm[:, c].sum(), cm[c, c]
         accs.append(tp / row if row else np.nan)
         ious.append(tp / (row + col - tp) if row + col - tp else np.nan)
+        f1s.append(2 * tp / (2 * tp + (col - tp) + (row - tp)) if row + col else np.nan)  # 2TP / (2TP + FP + FN)
     p_o = np.trace(cm) / total
     p_e = sum(cm[c, :].sum() * cm[:, c].sum() for c in range(k)) / total**2
     return {
@@ -111,6 +132,8 @@ def numpy_metrics(pred: np.ndarray, target: np.ndarray, k: int) -> dict:
         "mean_acc": np.nanmean(accs),
         "iou": ious,
         "miou": np.nanmean(ious),
+        "f1": f1s,
+        "mean_f1": np.nanmean(f1s),
         "kappa": 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e),
     }
 
@@ -135,11 +158,14 @@ def test_matches_numpy_reference(k: int, n: int, ignore_frac: float, seed: int) 
         assert ours["total"] == 0 and math.isnan(ours["miou"])
         return
     ref = numpy_metrics(pred, target, k)
-    for key in ("oa", "mean_acc", "miou", "kappa"):
+    for key in ("oa", "mean_acc", "miou", "mean_f1", "kappa"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
     np.testing.assert_allclose(ours["iou"], ref["iou"], atol=1e-12)
+    np.testing.assert_allclose(ours["f1"], ref["f1"], atol=1e-12)
+    iou = np.array(ours["iou"])
+    np.testing.assert_allclose(ours["f1"], 2 * iou / (1 + iou), atol=1e-12)  # Dice = 2 IoU / (1 + IoU)
     assert ours["pixel_acc"] == ours["oa"] and ours["aa"] == ours["mean_acc"]
-    for key in ("oa", "mean_acc", "miou"):
+    for key in ("oa", "mean_acc", "miou", "mean_f1"):
         assert 0.0 <= ours[key] <= 1.0
     assert -1.0 <= ours["kappa"] <= 1.0
 
