@@ -1,7 +1,8 @@
 """Training and evaluation loop for any ``model(rgb, aux) -> logits`` segmenter.
 
 Trains exactly the parameters that require grad (AdamW, polynomial decay with linear
-warmup, gradient accumulation and clipping, cross-entropy with ignore value 255, plus
+warmup, gradient accumulation and clipping, the loss ``config.loss`` with ignore value 255:
+cross-entropy, class-weighted cross-entropy or OHEM, see :mod:`gopt_adapter.losses`, plus
 ``model.regularization_loss()`` where the model has one, as the two-stream FFT does); with bf16
 autocast (``amp``: on by default on CUDA, off by default on the CPU, where it is slower but
 lets the mixed-precision path be tested) and optional ``torch.compile``; under ``torchrun``
@@ -33,11 +34,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .files import atomic_write_bytes
+from .losses import LOSSES, OHEM_MIN_KEPT, OHEM_THRESH, build_loss, check_ohem_settings
 from .metrics import SegMetrics
 from .numerics import finite_flags, shown
 from .transforms import resize_logits
@@ -104,6 +105,9 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps
     progress: bool = True
     max_nonfinite_steps: int = 5  # skipped non-finite steps in a row that stop the run (NonFiniteError)
+    loss: str = "ce"  # one of losses.LOSSES: "ce" (the paper's), "ce_weighted" (needs class_weights), "ohem"
+    ohem_thresh: float = OHEM_THRESH  # ohem: pixels whose probability of their class is below this count...
+    ohem_min_kept: int = OHEM_MIN_KEPT  # ...but at least this many per batch (the hardest)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
@@ -128,6 +132,11 @@ class TrainConfig:
         if not (isinstance(self.compile_backend, str) and self.compile_backend):
             raise ValueError(f"compile_backend must name a torch.compile backend, got {self.compile_backend!r}")
         check_window(self.eval_window, self.eval_stride, prefix="eval_")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        check_ohem_settings(self.ohem_thresh, self.ohem_min_kept)
+        if self.loss != "ohem" and (self.ohem_thresh, self.ohem_min_kept) != (OHEM_THRESH, OHEM_MIN_KEPT):
+            raise ValueError(f"ohem_thresh and ohem_min_kept need loss 'ohem' (the loss is {self.loss!r})")
 
 
 # ------------------------------------------------------------------ distributed
@@ -395,16 +404,27 @@ class Trainer:
     advance, so later steps keep the rates of an uninterrupted run. Each skip is counted in
     ``nonfinite_steps``, logged (a ``"nonfinite"`` record naming the parameters) and warned
     about on stderr; ``max_nonfinite_steps`` in a row raise :class:`NonFiniteError`.
+
+    ``class_weights`` (float ``[num_classes]``, e.g. ``losses.enet_class_weights`` of the
+    training labels' counts) is required by ``config.loss="ce_weighted"`` and refused otherwise.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, num_classes: int, config: TrainConfig,
                  out_dir: str | os.PathLike, val_set: Dataset | None = None, device: torch.device | str | None = None,
-                 ctx: Dist | None = None) -> None:
+                 ctx: Dist | None = None, class_weights: torch.Tensor | None = None) -> None:
         self.ctx = ctx or init_distributed()
         self.device = torch.device(device) if device is not None else default_device(self.ctx)
         # amp resolved for this device: the checkpoint records, and resume compares, what ran
         self.config = config = replace(config, amp=resolve_amp(config.amp, self.device))
         self.num_classes = num_classes
+        if class_weights is not None:
+            if tuple(class_weights.shape) != (num_classes,):
+                raise ValueError(f"class_weights must hold one weight per class ({num_classes}), got shape "
+                                 f"{tuple(class_weights.shape)}")
+            if not bool((torch.isfinite(class_weights) & (class_weights > 0)).all()):
+                raise ValueError(f"class_weights must be finite and > 0, got {class_weights.tolist()}")
+            class_weights = class_weights.to(self.device, torch.float32)
+        self.loss = build_loss(config.loss, class_weights, config.ohem_thresh, config.ohem_min_kept, IGNORE_INDEX)
         self.out_dir = Path(out_dir)
         self.train_set, self.val_set = train_set, val_set
         per_step = config.batch_size // config.grad_accum
@@ -704,7 +724,7 @@ class Trainer:
             with self._grad_sync(final):
                 with autocast:
                     logits = self.forward(rgb, aux)
-                loss = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX)
+                loss = self.loss(logits.float(), label)
                 if regularization is not None:  # e.g. the two-stream FFT's L1 term on its LayerNorm gains
                     loss = loss + regularization()
                 loss = loss / config.grad_accum

@@ -51,6 +51,7 @@ from .engine import (
     trainable_state_dict,
 )
 from .files import atomic_write_bytes, write_tensors
+from .losses import count_labels, enet_class_weights
 from .model import save_adapter
 from .parameters import count_parameters
 from .preprocessing import dataset_preprocessing
@@ -346,6 +347,18 @@ def build_datasets(config: RunConfig, defaults: dict[str, Any] | None = None):
     return train_set, val_set
 
 
+def training_class_weights(train_set, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels of each class in the training labels and ENet's weights from them (loss
+    ``ce_weighted``, :mod:`gopt_adapter.losses`): one pass over the labels as stored, before
+    any transform, so no random crop biases them and no RNG is drawn."""
+    try:
+        labels = (train_set.load_label(index) for index in range(len(train_set)))
+        counts = count_labels(labels, num_classes, train_set.ignore_index)
+        return counts, enet_class_weights(counts)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot weight the classes for loss ce_weighted: {exc}") from None
+
+
 def hardware(device: torch.device) -> dict[str, Any]:
     info = {"device": str(device), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__}
@@ -409,9 +422,15 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         model.adapter.preprocessing = preprocessing
         model.adapter.class_names = tuple(train_set.class_names)  # gopt inspect / predict show them
     params = count_parameters(model)
+    counts = class_weights = None
+    if config.train.loss == "ce_weighted":
+        counts, class_weights = training_class_weights(train_set, num_classes)
+        if ctx.is_main:
+            shown = ", ".join(f"{name} {w:.2f}" for name, w in zip(train_set.class_names, class_weights.tolist()))
+            print(f"class weights (ENet, from {int(counts.sum()):,} training pixels): {shown}", file=sys.stderr)
     try:
         trainer = Trainer(model, train_set, num_classes, config.train, config.out, val_set=val_set, device=target,
-                          ctx=ctx)
+                          ctx=ctx, class_weights=class_weights)
     except ValueError as exc:  # batch size vs processes and data size, nothing to train
         raise UsageError(str(exc)) from None
     try:
@@ -444,6 +463,9 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
         "class_names": list(train_set.class_names),
         "preprocessing": preprocessing.to_dict(),
         "missing_mode_calibration": calibration,  # None: the adapter has no aux-missing mode
+        # loss ce_weighted: the training pixels per class and the weights computed from them; else None
+        "class_weights": None if class_weights is None else {"pixels": counts.tolist(),
+                                                              "weights": class_weights.tolist()},
     })
     if ctx.is_main:
         out = Path(config.out)

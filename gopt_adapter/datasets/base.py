@@ -319,6 +319,11 @@ class SegDataset(Dataset):
         """Return sample ``index`` before transforms."""
         raise NotImplementedError
 
+    def load_label(self, index: int) -> torch.Tensor:
+        """The label map of sample ``index`` before transforms, int64 ``[H, W]`` (what the
+        training labels' class frequencies are counted on); readers of files read no image for it."""
+        return self.load(index)["label"]
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -426,6 +431,10 @@ class FileSegDataset(SegDataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def load_label(self, index: int) -> torch.Tensor:
+        files = self.samples[index]
+        return torch.from_numpy(map_labels(read_image(files.label), self._lut, files.label))  # [H, W] int64
 
     def load(self, index: int) -> dict[str, Any]:
         files = self.samples[index]
