@@ -61,6 +61,7 @@ __all__ = [
     "check_same_size",
     "scale_to_unit",
     "read_aux_image",
+    "label_mapping",
     "build_label_lut",
     "map_labels",
     "make_sample",
@@ -237,6 +238,19 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
+
+
+def label_mapping(num_classes: int, reduce_zero_label: bool = False) -> dict[int, int]:
+    """``{raw value: class id}`` of labels that store class ids as they are, or with
+    ``reduce_zero_label`` (mmseg's name; CMX's ``transform_gt``) store 0 for "unlabeled" and class
+    ``k`` as ``k + 1``: raw 0 -> ignore, raw k -> k - 1. Raw 255 is ignore either way, so a
+    shifted label holds at most 254 classes (``ValueError`` beyond)."""
+    if reduce_zero_label and num_classes > IGNORE_INDEX - 1:
+        raise ValueError(f"{num_classes} classes with reduce_zero_label: at most {IGNORE_INDEX - 1} (raw values "
+                         f"1..{IGNORE_INDEX - 1}; {IGNORE_INDEX} means ignore)")
+    if reduce_zero_label:
+        return {0: IGNORE_INDEX, **{k + 1: k for k in range(num_classes)}}
+    return {k: k for k in range(num_classes)}
 
 
 def build_label_lut(mapping: Mapping[int, int], size: int = 256) -> np.ndarray:

@@ -38,6 +38,7 @@ from .base import (
     check_choice,
     check_image,
     files_by_stem,
+    label_mapping,
     map_labels,
     read_image,
     require_dir,
@@ -128,7 +129,7 @@ class FolderDataset(FileSegDataset):
 
     # ---- layout ------------------------------------------------------------------------
     def _label_mapping(self) -> dict[int, int]:
-        return {k: k for k in range(len(self.class_names))}
+        return label_mapping(self.num_classes)
 
     def _list_samples(self) -> list[SampleFiles]:
         split_dir = self.root / self.split

@@ -29,6 +29,7 @@ from .base import (
     check_image,
     find_image,
     find_sample_files,
+    label_mapping,
     read_aux_image,
     read_image,
     read_list_file,
@@ -93,9 +94,7 @@ class MFNet(FileSegDataset):
         return {"D": "day", "N": "night"}.get(stem[-1:].upper())
 
     def _label_mapping(self) -> Mapping[int, int]:
-        if self.count_unlabeled:
-            return {k: k for k in range(9)}
-        return {0: self.ignore_index, **{k: k - 1 for k in range(1, 9)}}
+        return label_mapping(self.num_classes, reduce_zero_label=not self.count_unlabeled)
 
     def _list_samples(self) -> list[SampleFiles]:
         stems = read_list_file(self.root / f"{self.split}.txt")

@@ -27,6 +27,7 @@ from .base import (
     check_choice,
     check_image,
     find_sample_files,
+    label_mapping,
     read_image,
     read_list_file,
     require_dir,
@@ -90,8 +91,7 @@ class NYUDv2(FileSegDataset):
         super().__init__(resolve_root(root, self.dataset_folder), split, transform)
 
     def _label_mapping(self) -> Mapping[int, int]:
-        # raw 0 = unlabeled -> ignore; raw 1..K -> 0..K-1
-        return {0: self.ignore_index, **{k + 1: k for k in range(self.num_classes)}}
+        return label_mapping(self.num_classes, reduce_zero_label=True)  # raw 0 = unlabeled
 
     def _list_samples(self) -> list[SampleFiles]:
         rgb_dir = require_dir(self.root / "RGB", "RGB folder")

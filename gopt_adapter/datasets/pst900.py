@@ -27,6 +27,7 @@ from .base import (
     Transform,
     check_choice,
     find_sample_files,
+    label_mapping,
     read_aux_image,
     require_dir,
     resolve_root,
@@ -69,7 +70,7 @@ class PST900(FileSegDataset):
         super().__init__(resolve_root(root, self.dataset_folder), split, transform)
 
     def _label_mapping(self) -> Mapping[int, int]:
-        return {k: k for k in range(self.num_classes)}
+        return label_mapping(self.num_classes)
 
     def _list_samples(self) -> list[SampleFiles]:
         split_dir = require_dir(self.root / self.split, "PST900 split folder")
