@@ -78,8 +78,8 @@ def _add_eval(commands) -> None:
                     "the mean/std and image scale the adapter file records (--set transforms.* overrides them); "
                     "metrics are at the labels' full resolution. The backbone is rebuilt from the adapter file "
                     "(its timm name and kwargs) plus --weights.")
-    ev.add_argument("--dataset", required=True, help="dataset registry name (folder, nyudv2, sunrgbd, mfnet, pst900, "
-                                                     "whu_opt_sar, synthetic)")
+    ev.add_argument("--dataset", required=True, help="dataset registry name (folder, rgbx, nyudv2, sunrgbd, mfnet, "
+                                                     "pst900, whu_opt_sar, synthetic)")
     ev.add_argument("--adapter", required=True, help="adapter file (.safetensors) to evaluate")
     ev.add_argument("--root", help="folder of your copy of the dataset (not needed for synthetic)")
     ev.add_argument("--split", help="split to evaluate (default: the config's val_split: test; synthetic, folder: val)")

@@ -158,8 +158,10 @@ DEFAULT_TRAIN_SETTINGS: dict[str, dict[str, Any]] = {
     "pst900": {"crop_size": (720, 1280), "scale_range": (0.5, 1.75)},
     "whu_opt_sar": {"crop_size": (512, 512), "scale_range": (0.5, 1.75)},
     "synthetic": {"crop_size": (128, 128), "scale_range": (0.75, 1.25)},
-    # your own folder: this crop only when its images differ in size (else their size, see recipe)
+    # your own folder or CMX / DFormer layout: this crop only when its images differ in size (else
+    # their size, see recipe)
     "folder": {"crop_size": (512, 512), "scale_range": (0.5, 1.75)},
+    "rgbx": {"crop_size": (512, 512), "scale_range": (0.5, 1.75)},
 }
 
 

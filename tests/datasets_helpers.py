@@ -49,7 +49,9 @@ def _rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def make_nyudv2(root: Path, splits: dict[str, list[str]], h: int = 8, w: int = 12, *,
                 depth_dtype: Any = np.uint16, hha: bool = False, list_style: str = "stem",
                 label_folder: str = "Label", num_classes: int = 40, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """NYUDv2 layout (``label_folder="labels"``, ``num_classes=37`` gives SUN RGB-D)."""
+    """NYUDv2 layout (``label_folder="labels"``, ``num_classes=37`` gives SUN RGB-D). ``list_style``:
+    list lines as ``stem``, ``name`` (``stem.jpg``), ``path`` (``RGB/stem.jpg``) or ``pair``
+    (``RGB/stem.jpg Label/stem.png``)."""
     rng = np.random.default_rng(seed)
     written = {}
     for split, stems in splits.items():
@@ -67,8 +69,23 @@ def make_nyudv2(root: Path, splits: dict[str, list[str]], h: int = 8, w: int = 1
                 entry["hha"] = _rgb(rng, h, w)
                 write_jpg(root / "HHA" / f"{stem}.jpg", entry["hha"])
             written[stem] = entry
-            lines.append(stem if list_style == "stem" else f"RGB/{stem}.jpg")
+            lines.append({"stem": stem, "name": f"{stem}.jpg", "path": f"RGB/{stem}.jpg",
+                          "pair": f"RGB/{stem}.jpg {label_folder}/{stem}.png"}[list_style])
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return written
+
+
+def make_rgbx(root: Path, splits: dict[str, list[str]], h: int = 8, w: int = 12, *, modality: str = "Depth",
+              num_classes: int = 3, reduce_zero_label: bool = True, **options: Any) -> dict[str, dict[str, np.ndarray]]:
+    """The ``--dataset rgbx`` (CMX / DFormer) layout: :func:`make_nyudv2`'s ``RGB/``, ``Depth/``
+    (renamed ``modality``), ``Label/`` (raw 0..num_classes) and list files, plus a ``classes.txt``
+    for reading raw 0 as unlabeled (``reduce_zero_label``: ``num_classes`` names) or as a class
+    (``num_classes + 1`` names)."""
+    written = make_nyudv2(root, splits, h, w, num_classes=num_classes, **options)
+    if modality != "Depth":
+        (root / "Depth").rename(root / modality)
+    names = num_classes if reduce_zero_label else num_classes + 1
+    (root / "classes.txt").write_text("".join(f"class{k}\n" for k in range(names)))
     return written
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets_helpers import (FIXTURES, make_folder, make_mfnet, make_nyudv2, make_pst900, make_whu_scenes, write_png,
-                              write_tif)
+from datasets_helpers import (FIXTURES, make_folder, make_mfnet, make_nyudv2, make_pst900, make_rgbx,
+                              make_whu_scenes, write_png, write_tif)
 from gopt_adapter.datasets import (
     DATASETS,
     MFNet,
@@ -212,8 +212,9 @@ def test_registry_builds_every_dataset(tmp_path: Path) -> None:
     make_whu_scenes(tmp_path / "whu", ["s"], h=16, w=16)
     tile_whu_opt_sar(tmp_path / "whu", tmp_path / "whu_tiles", tile_size=16, fractions=(1, 0, 0), progress=False)
     make_folder(tmp_path / "own", {"train": 1})
+    make_rgbx(tmp_path / "cmx", {"train": ["a"]}, reduce_zero_label=False)
     roots = {"nyudv2": "nyu", "sunrgbd": "sun", "mfnet": "mf", "pst900": "pst", "whu_opt_sar": "whu_tiles",
-             "folder": "own"}
+             "folder": "own", "rgbx": "cmx"}
     assert set(DATASETS) == set(roots) | {"synthetic"}
     for name, folder in roots.items():
         ds = get_dataset(name, root=tmp_path / folder, split="train")

@@ -1,4 +1,5 @@
-"""RGB-X segmentation datasets: your own folder, readers of the five benchmark layouts and a synthetic world.
+"""RGB-X segmentation datasets: your own folder or CMX / DFormer layout, readers of the five benchmark
+layouts and a synthetic world.
 
 All datasets return the same sample dict (see :mod:`gopt_adapter.datasets.base`): ``rgb``
 float ``[3, H, W]`` in [0, 1], ``aux`` float ``[C_aux, H, W]`` in [0, 1], ``label`` int64
@@ -16,6 +17,7 @@ from .folder import FolderDataset
 from .mfnet import MFNET_CLASSES, MFNet
 from .nyudv2 import NYUDV2_CLASSES, NYUDv2
 from .pst900 import PST900_CLASSES, PST900
+from .rgbx import RGBXDataset
 from .sunrgbd import SUNRGBD_CLASSES, SUNRGBD
 from .synthetic import WORLDS, SyntheticClass, SyntheticRGBX, rgb_only_miou_bound
 from .whu_opt_sar import WHU_OPT_SAR_CLASSES, WHUOptSar, tile_whu_opt_sar
@@ -28,6 +30,7 @@ __all__ = [
     "FileSegDataset",
     "read_image",
     "FolderDataset",
+    "RGBXDataset",
     "NYUDv2",
     "SUNRGBD",
     "MFNet",
@@ -48,6 +51,7 @@ __all__ = [
 #: Registry of dataset names (as used by the benchmarks and the command line) to classes.
 DATASETS: dict[str, type[SegDataset]] = {
     "folder": FolderDataset,
+    "rgbx": RGBXDataset,
     "nyudv2": NYUDv2,
     "sunrgbd": SUNRGBD,
     "mfnet": MFNet,
@@ -66,7 +70,8 @@ def get_dataset(name: str, root: str | Path | None = None, split: str = "train",
             ignores it.
         split: the split to read (each class documents its split names).
         **options: keyword arguments of the dataset class (e.g. ``aux_normalization="fixed",
-            aux_max=10000`` for a folder, ``aux="hha"`` for NYUDv2,
+            aux_max=10000`` for a folder, ``modality="HHA", reduce_zero_label=True`` for the
+            CMX / DFormer layout, ``aux="hha"`` for NYUDv2,
             ``count_unlabeled=False`` for MFNet, ``mode="thermal", size=128, length=512,
             seed=0`` for the synthetic world, ``transform=...`` for all).
     """
