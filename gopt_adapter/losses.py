@@ -8,9 +8,10 @@ counts the training labels).
   1 / ln(1.02) = 50.5: a class with a handful of pixels cannot dominate the loss, and a class
   absent from training gets a finite weight (which no target ever uses) instead of inf. The
   mean is weighted (``sum w_y l / sum w_y``), so only the ratios of the weights matter.
-* ``"ohem"`` (online hard example mining, as CMX and DELIVER train): only the pixels whose
-  predicted probability of their true class is below ``thresh`` (0.7) count, but at least
-  the ``min_kept`` (100000) hardest of the batch, or every valid pixel when there are fewer.
+* ``"ohem"`` (online hard example mining, the OHEM cross-entropy of CMX's and DELIVER's code):
+  only the pixels whose predicted probability of their true class is below ``thresh`` (0.7,
+  DELIVER's) count, but at least the ``min_kept`` (an absolute count, as CMX's; 100000, mmseg's
+  default) hardest of the batch, or every valid pixel when there are fewer.
 
 Ignored pixels (255) never count, in the losses or in the counts. A batch without a valid
 pixel gives what PyTorch's cross-entropy gives, for every loss alike: a NaN loss with zero
@@ -30,7 +31,7 @@ __all__ = ["LOSSES", "OHEM_THRESH", "OHEM_MIN_KEPT", "ENET_C", "build_loss", "ch
            "ohem_cross_entropy", "count_labels", "enet_class_weights"]
 
 LOSSES = ("ce", "ce_weighted", "ohem")
-OHEM_THRESH = 0.7  # CMX's and DELIVER's
+OHEM_THRESH = 0.7  # DELIVER's OhemCrossEntropy
 OHEM_MIN_KEPT = 100_000  # pixels per batch (mmseg's OHEM sampler default)
 ENET_C = 1.02  # ENet's constant: weights lie in [1 / ln(1 + ENET_C), 1 / ln(ENET_C)]
 IGNORE_INDEX = 255
