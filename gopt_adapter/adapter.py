@@ -10,7 +10,7 @@ from .config import GoptConfig
 from .contract import SegmentationAdapter
 from .heads import build_head
 from .preprocessing import Preprocessing
-from .prompter import AuxPatchEmbed, GroupingPrompter, PromptState
+from .prompter import AuxPatchEmbed, GroupingPrompter, PromptState, SceneNorm
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def xavier_init_(module: nn.Module) -> None:
             nn.init.xavier_uniform_(layer.weight)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
-        elif isinstance(layer, (nn.LayerNorm, nn.BatchNorm2d)):
+        elif isinstance(layer, (nn.LayerNorm, nn.BatchNorm2d, SceneNorm)):
             layer.reset_parameters()
 
 

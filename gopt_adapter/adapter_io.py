@@ -8,7 +8,7 @@ takes a segmenter (``save_adapter``, ``load_adapter``, building an adapter from 
 Layout of a file: the adapter's state-dict tensors (aux embedding, class tokens, prompters,
 head with its BatchNorm buffers) and string metadata:
 
-- ``format``: ``"gopt-adapter"``; ``format_version``: ``"2"``; ``library_version``;
+- ``format``: ``"gopt-adapter"``; ``format_version``: ``"3"``; ``library_version``;
 - ``config``: the :class:`GoptConfig` as JSON;
 - ``backbone``: the backbone fingerprint as JSON (class, width, depth, patch size, prefix
   tokens and the SHA-256 of the frozen weights);
@@ -48,7 +48,7 @@ from .preprocessing import Preprocessing, check_aux_channels
 from .version import __version__
 
 FORMAT = "gopt-adapter"
-FORMAT_VERSION = "2"  # 2: one-pass checksum over the data section; ACP query in the config
+FORMAT_VERSION = "3"  # 2: one-pass checksum, ACP query in the config; 3: scene-normalised aux tokens, eq. 10 count + 1
 _METADATA_KEYS = {"format", "format_version", "library_version", "config", "backbone", "checksum"}
 _SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -179,7 +179,8 @@ def _read_metadata(header: Mapping[str, Any], path: Path) -> dict[str, str]:
         raise AdapterError(f"{path}: adapter metadata is missing {sorted(missing)}")
     if metadata["format_version"] != FORMAT_VERSION:
         raise AdapterError(
-            f"{path}: adapter format version {metadata['format_version']!r}; this library reads {FORMAT_VERSION!r}"
+            f"{path}: adapter format version {metadata['format_version']!r}; this library reads {FORMAT_VERSION!r}: "
+            f"train it again, or use gopt-adapter {metadata.get('library_version', '?')}, which wrote it"
         )
     return metadata
 

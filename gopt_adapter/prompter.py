@@ -19,7 +19,8 @@ from .tokens import patch_rows, rescale_patch_tokens_linear
 class PromptState:
     """What one prompter hands to the next within a forward pass (eq. 15).
 
-    ``aux_tokens`` is ``f_m`` ``[B, S, r]``; ``class_tokens`` is ``c_m`` ``[B, C, r]``.
+    ``aux_tokens`` is the aux embedding's ``f_m^0`` ``[B, S, r]``, which every prompter's CUP
+    groups anew; ``class_tokens`` is ``c_m`` ``[B, C, r]``, the previous prompter's group prompts.
     """
 
     aux_tokens: torch.Tensor
@@ -38,10 +39,37 @@ def recomputed(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.
     return fn(*inputs)
 
 
-def standardized(tokens: torch.Tensor) -> torch.Tensor:
-    """Each token of ``[B, N, r]`` at zero mean and unit variance over its ``r`` features (a
-    LayerNorm without parameters: nothing to train, nothing added to an adapter file)."""
-    return F.layer_norm(tokens, tokens.shape[-1:])
+def scene_normalized(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, N, r]`` tokens relative to their sample: each feature centred over the ``N`` tokens,
+    then divided by the RMS of the sample's ``N x r`` values (float32 statistics, nothing learned).
+
+    One shift and one scale per sample, so the differences between tokens survive: the result
+    does not change with a per-sample gain (> 0) and offset of a linear embedding's input, the
+    way a depth or thermal image's meaning is relative to its scene. A per-token LayerNorm
+    would map every token ``a * s`` to ``sign(a) * LN(s)``, and a flat aux patch of level ``a``
+    embeds to just that (docs/method.md, reading 2). The floor under the RMS keeps a flat
+    image's tokens at zero instead of blowing float rounding up to unit scale.
+    """
+    centred = tokens.float() - tokens.float().mean(dim=1, keepdim=True)  # [B, N, r]
+    scale = torch.rsqrt(centred.pow(2).mean(dim=(1, 2), keepdim=True) + 1e-6)  # [B, 1, 1]
+    return (centred * scale).to(tokens.dtype)
+
+
+class SceneNorm(nn.Module):
+    """:func:`scene_normalized`, then a learned per-feature gain and bias (a LayerNorm's
+    parameters, under its state-dict names): ``[B, N, r] -> [B, N, r]``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return scene_normalized(tokens) * self.weight + self.bias
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -54,12 +82,16 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
 
 
 class AuxPatchEmbed(nn.Module):
-    """Embeds the auxiliary image straight to width ``r`` on the backbone's token grid.
+    """Embeds the auxiliary image straight to width ``r`` on the backbone's token grid, relative to its scene.
 
     Kernel = stride = the backbone's token stride (``BackboneSpec.patch_size``: the patch size
     of a plain ViT, the CNN stem's total stride times the projection's patch size for a hybrid),
     with the same bottom/right padding rule, so token ``i`` of both streams covers the same
     pixels; a full-width embedding, or a copy of a hybrid's stem, would break the budget.
+
+    With ``norm`` the tokens pass a :class:`SceneNorm`: a patch's level counts relative to the
+    rest of its image, and tokens differ enough from each other for CUP's grouping to use its
+    groups (docs/method.md, reading 2).
     """
 
     def __init__(self, in_chans: int, dim: int, patch_size: tuple[int, int], pad: bool, norm: bool = True) -> None:
@@ -67,14 +99,14 @@ class AuxPatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.pad = pad
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.norm = SceneNorm(dim) if norm else nn.Identity()
 
     def forward(self, aux: torch.Tensor) -> torch.Tensor:
         if self.pad:  # bottom/right zero padding, as timm's PatchEmbed(dynamic_img_pad=True)
             ph, pw = self.patch_size
             aux = F.pad(aux, (0, (pw - aux.shape[-1] % pw) % pw, 0, (ph - aux.shape[-2] % ph) % ph))
-        tokens = self.proj(aux)  # [B, r, h, w]
-        return self.norm(tokens.flatten(2).transpose(1, 2))  # [B, S, r]
+        tokens = self.proj(aux).flatten(2).transpose(1, 2)  # [B, r, h, w] -> [B, S, r]
+        return self.norm(tokens)
 
 
 class ClassAwareUniModalPrompter(nn.Module):
@@ -132,12 +164,13 @@ class AlignmentCrossModalPrompter(nn.Module):
 class GroupingPrompter(nn.Module):
     """The prompter placed before one frozen block: it rescales the block's patch tokens.
 
-    With CUP, what it hands on, the aux tokens ``f_hat`` and the group prompts ``P_m`` (eq. 15's
-    next class tokens), is standardised (a LayerNorm without parameters) before ACP and the next
-    prompter read it: every prompter then receives tokens of the scale the first one does.
-    Unnormalised, both grow by about ``sqrt(r)`` per prompter (the residual of eq. 4-6 and the
-    ``Wo`` term of eq. 10 add up over eq. 15's chain), ACP's cross-attention turns one-hot and
-    CUP's grouping collapses into one or two groups (docs/method.md, reading 12).
+    With CUP, the group prompts ``P_m`` (eq. 15's next class tokens) and the attended aux tokens
+    ``f_hat`` ACP reads are :func:`scene_normalized`, so every prompter receives tokens at the
+    scale the first one does (unnormalised, both grew by about ``sqrt(r)`` per prompter, ACP's
+    attention turned one-hot and the grouping collapsed: docs/method.md, reading 12). The next
+    prompter's CUP reads the first aux tokens ``f_m^0`` again, not ``f_hat``: chained, CUP's
+    attention-only layers smoothed the aux tokens into two clusters within a few prompters, and
+    the grouping of every later prompter into two groups (reading 8).
 
     Ablations (paper Table 4): without CUP the group prompts are the incoming class tokens
     plus the mean aux token (no self-attention, no grouping), and the class tokens pass on
@@ -160,7 +193,7 @@ class GroupingPrompter(nn.Module):
         tokens rescaled (prefix tokens untouched), and the state for the next prompter."""
         if self.cup is not None:
             aux_hat, prompts, assign = self.cup(state.aux_tokens, state.class_tokens)
-            aux_tokens, prompts = standardized(aux_hat), standardized(prompts)  # [B, S, r], [B, C, r]
+            aux_tokens, prompts = scene_normalized(aux_hat), scene_normalized(prompts)  # [B, S, r], [B, C, r]
             inherited = prompts  # eq. 15: c_m <- P_m
         else:
             aux_tokens = state.aux_tokens
@@ -171,7 +204,7 @@ class GroupingPrompter(nn.Module):
         else:
             token_prompts = assign @ prompts  # [B, S, C] @ [B, C, r] -> [B, S, r]
         prompted = recomputed(self.inject, tokens, token_prompts, num_prefix_tokens)
-        return prompted, PromptState(aux_tokens, inherited)
+        return prompted, PromptState(state.aux_tokens, inherited)
 
     def inject(self, tokens: torch.Tensor, token_prompts: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
         """Eq. 3: patch tokens times ``1 + Up(t)`` (``Up`` starts at zero: identity at init)."""

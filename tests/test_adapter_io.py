@@ -735,15 +735,16 @@ def test_backbone_digest_is_cached_across_saves_but_sees_data_edits(tmp_path, mo
 
 
 def test_files_of_another_format_version_name_it(tmp_path):
-    """A file of format version 1 (older checksum) is refused naming both versions, not as corrupt."""
+    """A file of an older format version (2: per-token LayerNorm on the aux tokens) is refused naming
+    both versions, not as corrupt."""
     from safetensors.torch import load_file, safe_open
 
     path = save_adapter(build(CONFIGS["default"]), tmp_path / "a.safetensors")
     with safe_open(str(path), "pt") as handle:
         metadata = dict(handle.metadata())
-    old = tmp_path / "v1.safetensors"
-    old.write_bytes(adapter_io.seal(load_file(str(path)), {**metadata, "format_version": "1"}))
-    assert_rejected(target(), old, "adapter format version '1'; this library reads '2'")
+    old = tmp_path / "v2.safetensors"
+    old.write_bytes(adapter_io.seal(load_file(str(path)), {**metadata, "format_version": "2"}))
+    assert_rejected(target(), old, "adapter format version '2'; this library reads '3'")
 
 
 # ------------------------------------------------------- from_pretrained leaves the model alone

@@ -60,8 +60,8 @@ def test_a_mixed_batch_equals_each_sample_alone(mask, family):
 
 
 def test_missing_samples_get_stand_in_tokens_made_from_their_rgb():
-    """A missing sample's aux tokens are ``missing_aux`` + LayerNorm(patch conv of its RGB),
-    computed here from the parameters; a present sample keeps its embedded aux."""
+    """A missing sample's aux tokens are ``missing_aux`` + the scene-normalised patch conv of its
+    RGB, computed here from the parameters; a present sample keeps its embedded aux."""
     segmenter = trained_segmenter()
     adapter = segmenter.adapter
     rgb, aux = family_inputs("vit", batch=2)
@@ -70,7 +70,9 @@ def test_missing_samples_get_stand_in_tokens_made_from_their_rgb():
         state = adapter.initial_state(aux, torch.tensor([True, False]), rgb)
         patches = F.conv2d(rgb[:1], embed.proj.weight, embed.proj.bias, stride=embed.patch_size)  # [1, r, h, w]
         tokens = patches.flatten(2).transpose(1, 2)  # [1, S, r]
-        expected = F.layer_norm(tokens, tokens.shape[-1:], embed.norm.weight, embed.norm.bias) + adapter.missing_aux
+        tokens = tokens - tokens.mean(dim=1, keepdim=True)  # each feature centred over the image
+        tokens = tokens / (tokens.pow(2).mean() + 1e-6).sqrt()  # RMS 1
+        expected = tokens * embed.norm.weight + embed.norm.bias + adapter.missing_aux
         torch.testing.assert_close(state.aux_tokens[:1], expected)
         assert torch.equal(state.aux_tokens[1], adapter.aux_embed(aux[1:])[0])
         assert state.aux_tokens[0].std(dim=0).min() > 0  # the stand-ins vary over the image

@@ -129,7 +129,8 @@ def test_without_acp_tokens_take_their_aux_groups_prompt():
     with torch.no_grad():
         _, prompts, assign = prompter.cup(state.aux_tokens, state.class_tokens)
         out, _ = prompter(torch.ones(1, 5, 6), 0, state)
-    prompts = torch.nn.functional.layer_norm(prompts, (4,))  # what CUP hands on is standardised
+    prompts = prompts - prompts.mean(dim=1, keepdim=True)  # what CUP hands on is centred over the groups
+    prompts = prompts / prompts.pow(2).mean().sqrt()  # and has RMS 1
     expected = prompts[0][assign[0].argmax(-1)]  # [S, r]
     torch.testing.assert_close(out[0, :, :4], 1 + expected)
 
@@ -236,10 +237,10 @@ def test_empty_groups_under_hard_assignment_keep_gradients_and_adam_states_finit
 
 
 def test_cup_hands_on_tokens_at_the_first_prompters_scale_so_attention_stays_soft():
-    """What CUP hands to ACP and to the next prompter is standardised: over twelve chained
-    prompters the aux tokens and class tokens keep the norm sqrt(r) the first prompter receives,
-    and ACP's cross-attention stays as soft at the last prompter as at the second. Unnormalised,
-    both norms grew with every prompter (and on real frames the attention turned one-hot)."""
+    """What CUP hands to ACP and to the next prompter is normalised: over twelve chained
+    prompters the aux tokens and class tokens keep the RMS of 1 the first prompter's aux tokens
+    have, and ACP's cross-attention stays as soft at the last prompter as at the second.
+    Unnormalised, both grew with every prompter (and on real frames the attention turned one-hot)."""
     torch.manual_seed(0)
     spec = BackboneSpec.from_model(make_backbone("vit", depth=12))
     adapter = GoptAdapter(GoptConfig(1, 9), spec).eval()
@@ -253,10 +254,13 @@ def test_cup_hands_on_tokens_at_the_first_prompters_scale_so_attention_stays_sof
     with torch.no_grad():
         for index in range(12):
             x, state = adapter.prompt(index, x, state)
-    r = adapter.config.hidden_dim
+    def mean_square(tokens):  # [B, N, r] -> [B]
+        return tokens.pow(2).mean(dim=(1, 2))
+
+    torch.testing.assert_close(mean_square(received[0].aux_tokens), torch.ones(2), rtol=1e-3, atol=0)
     for state in received[1:]:
-        torch.testing.assert_close(state.aux_tokens.norm(dim=-1), torch.full((2, 64), r ** 0.5), rtol=1e-3, atol=0)
-        torch.testing.assert_close(state.class_tokens.norm(dim=-1), torch.full((2, 9), r ** 0.5), rtol=1e-3, atol=0)
+        torch.testing.assert_close(mean_square(state.aux_tokens), torch.ones(2), rtol=1e-3, atol=0)
+        torch.testing.assert_close(mean_square(state.class_tokens), torch.ones(2), rtol=1e-3, atol=0)
     assert min(entropy[1:]) > 0.5 * entropy[1]
 
 
@@ -265,3 +269,25 @@ def attention_entropy(acp, tokens, num_prefix_tokens, prompts, aux_tokens):
     query = acp.project(tokens)[:, num_prefix_tokens:] + aux_tokens
     weights = (query @ prompts.transpose(1, 2) / query.shape[-1] ** 0.5).softmax(-1)
     return float(-(weights * weights.clamp_min(1e-12).log()).sum(-1).mean())
+
+
+def test_every_prompters_grouping_keeps_using_its_groups():
+    """CUP's hard assignment spreads the aux tokens over the groups at the twelfth prompter as at
+    the first: each prompter groups the first aux tokens anew. Chained through eq. 4-6's
+    attention-only layers instead, the aux tokens were smoothed into about two clusters within a
+    few prompters, and every later prompter put them into two groups (docs/method.md, reading 8)."""
+    torch.manual_seed(0)
+    spec = BackboneSpec.from_model(make_backbone("vit", depth=12))
+    adapter = GoptAdapter(GoptConfig(1, 9), spec).eval()
+    used = []
+    for prompter in adapter.prompters:
+        prompter.cup.register_forward_hook(
+            lambda m, args, out: used.append(float((out[2].sum(dim=1) > 0).sum(dim=-1).float().mean())))
+    aux = torch.nn.functional.interpolate(torch.rand(2, 1, 32, 32), size=(128, 128), mode="bilinear")  # smooth texture
+    x = torch.randn(2, 1 + 64, spec.embed_dim)
+    state = adapter.initial_state(aux)
+    with torch.no_grad():
+        for index in range(12):
+            x, state = adapter.prompt(index, x, state)
+    assert used[0] >= 4
+    assert min(used) >= 0.75 * used[0], used
