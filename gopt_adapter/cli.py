@@ -417,6 +417,8 @@ def _eval(args: argparse.Namespace) -> int:
         _, dataset = recipe.build_datasets(config, recorded)
     except recipe.UsageError as exc:
         raise CliError(str(exc), "See gopt eval --help") from None
+    names = list(dataset.class_names)
+    show = ShowWriter(args.show_dir, dataset, names, args.show_worst) if args.show_dir else None
     # the adapter's recorded backbone, unless --backbone names one (built with the config's kwargs,
     # as gopt train builds it) or --set gives backbone_kwargs; files that record none use the config's
     named = args.backbone or (None if file.backbone_name else config.backbone)
@@ -425,7 +427,6 @@ def _eval(args: argparse.Namespace) -> int:
                                seed=config.train.seed,
                                options="--backbone, --weights and backbone_kwargs (--config or --set)")
     num_classes = file.config.num_classes
-    names = list(dataset.class_names)
     if len(names) != num_classes:
         raise CliError(f"the adapter predicts {num_classes} classes but {config.dataset} split {config.val_split!r} "
                        f"has {len(names)}", "evaluate it on the dataset (and options) it was trained for")
@@ -433,7 +434,6 @@ def _eval(args: argparse.Namespace) -> int:
         raise CliError(f"the adapter takes {file.config.aux_channels} aux channel(s), the dataset gives "
                        f"{dataset.aux_channels}", "set the dataset's aux option (e.g. --set dataset_options.aux=\"hha\")")
     segmenter.to(device)
-    show = ShowWriter(args.show_dir, dataset, names, args.show_worst) if args.show_dir else None
 
     def timed_evaluation(views, on_prediction) -> tuple[dict[str, Any], float]:
         started = time.perf_counter()
