@@ -34,7 +34,7 @@ from .files import atomic_write_bytes
 from .metrics import SegMetrics, row_normalized
 from .visualize import class_palette, colorize_aux, confusion_image, make_eval_panel, save_png
 
-__all__ = ["ShowWriter", "write_confusion_csv"]
+__all__ = ["ShowWriter", "image_miou", "write_confusion_csv"]
 
 
 class ShowWriter:
@@ -55,7 +55,7 @@ class ShowWriter:
     def __call__(self, index: int, prediction: torch.Tensor, label: torch.Tensor) -> None:
         """One evaluated image: ``prediction`` and ``label`` int64 ``[H, W]`` (any device)."""
         prediction, label = prediction.cpu(), label.cpu()
-        miou = image_miou(prediction, label, len(self.class_names), self.dataset.ignore_index)
+        miou = image_miou(prediction, label, len(self.class_names))
         if self.worst is None:
             self._write_panel(index, prediction.numpy(), label.numpy(), miou)
         elif not math.isnan(miou):
@@ -88,10 +88,10 @@ class ShowWriter:
         self.panels.append(path)
 
 
-def image_miou(prediction: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255) -> float:
+def image_miou(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
     """The mIoU of one image's prediction (:class:`~gopt_adapter.metrics.SegMetrics` over its
-    pixels alone); ``nan`` when it has no labelled pixel."""
-    metrics = SegMetrics(num_classes, ignore_index)
+    pixels alone, label 255 ignored as in evaluation); ``nan`` when it has no labelled pixel."""
+    metrics = SegMetrics(num_classes)
     metrics.update(prediction, label)
     return metrics.compute()["miou"]
 

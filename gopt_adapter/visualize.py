@@ -270,7 +270,7 @@ def mark_wrong(prediction: np.ndarray, truth: np.ndarray, palette: np.ndarray) -
     :data:`WRONG_COLOUR`: diagonal stripes two pixels wide every four pixels, so that the
     predicted class still shows between them."""
     prediction, truth = np.asarray(prediction), np.asarray(truth)
-    out = colorize_labels(prediction, palette).copy()
+    out = colorize_labels(prediction, palette)  # a new array: fancy indexing copies
     rows, cols = np.indices(prediction.shape)
     wrong = ~_ignored(truth, len(palette)) & (prediction != truth)
     out[wrong & ((rows + cols) % 4 < 2)] = WRONG_COLOUR
@@ -281,7 +281,7 @@ def colorize_truth(truth: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """A ground-truth map ``[H, W]`` in the palette's colours, ``uint8 [H, W, 3]``, its ignored
     pixels (values outside the palette's class ids, e.g. 255) in :data:`VOID_COLOUR`."""
     ignored = _ignored(truth, len(palette))
-    out = colorize_labels(np.where(ignored, 0, truth), palette).copy()
+    out = colorize_labels(np.where(ignored, 0, truth), palette)
     out[ignored] = VOID_COLOUR
     return out
 
