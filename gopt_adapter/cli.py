@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from .scaling import AUX_NORMALIZATIONS
 
 DEBUG_HELP = "show the full traceback of an error (accepted anywhere on the command line)"
+TTA_SCALES_HELP = "0.75 1 1.25"  # TTAConfig's default scales (a test checks), named without importing torch
 
 
 class CliError(Exception):
@@ -52,6 +53,15 @@ def _add_weights_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--backbone", help="timm model name (default: the one recorded in the adapter file)")
     sub.add_argument("--allow-backbone-mismatch", action="store_true",
                      help="run even if the backbone weights differ from those the adapter was trained on")
+
+
+def _add_window_options(sub: argparse.ArgumentParser) -> None:
+    """Sliding-window inference for large images, one implementation for eval and predict
+    (mmseg's mode="slide"): the logits of overlapping crops, averaged where they overlap."""
+    sub.add_argument("--window", type=int, help="run the model on square crops of this size (pixels), averaging "
+                                                "their logits where they overlap (default: the whole image)")
+    sub.add_argument("--stride", type=int, help="stride of the sliding window, 1..window (default: the window, "
+                                                "no overlap)")
 
 
 def _add_demo(commands) -> None:
@@ -88,8 +98,21 @@ def _add_eval(commands) -> None:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting as in gopt train, e.g. val_options.length=64 or "
                          "dataset_options.mode=\"thermal\" (repeatable)")
-    ev.add_argument("--window", type=int, help="sliding-window evaluation with this square window (pixels)")
-    ev.add_argument("--stride", type=int, help="stride of the sliding window, 1..window (default: the window, no overlap)")
+    _add_window_options(ev)
+    ev.add_argument("--tta", action="store_true",
+                    help="also evaluate with test-time augmentation (mmseg's aug_test, DFormer's --mst): the mean "
+                         "softmax of the input at each of --scales (and mirrored with --flip), at the labels' "
+                         "resolution; printed and recorded beside the single-scale metrics")
+    ev.add_argument("--scales", type=float, nargs="+", metavar="S",
+                    help=f"--tta: factors resizing the prepared input (default: {TTA_SCALES_HELP})")
+    ev.add_argument("--flip", action="store_true", help="--tta: each scale also mirrored left-right")
+    ev.add_argument("--out", metavar="DIR", help="write DIR/results.json: the metrics (with --tta the single-scale "
+                                                 "and the TTA metrics side by side), seconds taken and settings")
+    ev.add_argument("--show-dir", metavar="DIR",
+                    help="write DIR/<stem>.png per image, RGB | aux | prediction | ground truth with wrong pixels "
+                         "hatched (mmseg's --show-dir; the TTA prediction with --tta), and DIR/confusion.csv and "
+                         "confusion.png, row-normalised")
+    ev.add_argument("--show-worst", type=int, metavar="N", help="--show-dir: panels of only the N images of lowest mIoU")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -149,6 +172,7 @@ the logits are cropped back to the input size.""",
     pr.add_argument("--legend", choices=("present", "all"), default="present",
                     help="legend of the classes in the prediction (default) or of all classes")
     pr.add_argument("--alpha", type=float, default=0.6, help="opacity of the class colours in the overlay (0-1)")
+    _add_window_options(pr)
     pr.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -261,6 +285,22 @@ def _adapter_error(exc: Exception, backbone_options: str = "--backbone, --backbo
     return CliError(message, "The file is not a usable GoPT adapter; write it again with gopt_adapter.save_adapter")
 
 
+def _check_window_flags(args: argparse.Namespace) -> None:
+    """--window / --stride of eval and predict, checked before any work."""
+    from .inference import check_window
+
+    try:
+        check_window(args.window, args.stride, prefix="--")
+    except ValueError as exc:
+        raise CliError(str(exc), "Give e.g. --window 512 --stride 384 (a stride within the window)") from None
+
+
+def _check_folder(path: str | None, flag: str) -> None:
+    """An output folder flag: refused when it names an existing file."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise CliError(f"{flag} {path} is an existing file, not a folder", f"Give a folder for {flag}")
+
+
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -342,10 +382,24 @@ def _restore(args: argparse.Namespace, file, backbone: str | None, backbone_kwar
 
 # --------------------------------------------------------------------------- eval
 def _eval(args: argparse.Namespace) -> int:
+    import time
+
     from . import recipe
     from .adapter_io import AdapterError, read_adapter_file
     from .engine import evaluate, seed_everything
+    from .inference import TTAConfig
+    from .show import ShowWriter
 
+    _check_window_flags(args)
+    if not args.tta and (args.scales is not None or args.flip):
+        raise CliError("--scales and --flip choose the views of --tta, which is not given", "Add --tta")
+    if args.show_worst is not None and not args.show_dir:
+        raise CliError("--show-worst N chooses the panels of --show-dir, which is not given", "Add --show-dir DIR")
+    for flag, folder in (("--out", args.out), ("--show-dir", args.show_dir)):
+        _check_folder(folder, flag)
+    tta = None
+    if args.tta:
+        tta = TTAConfig(flip=args.flip) if args.scales is None else TTAConfig(tuple(args.scales), args.flip)
     namespace = argparse.Namespace(dataset=args.dataset, root=args.root, variant=None, config=args.config,
                                    backbone=args.backbone, out=None, train_split=args.split, val_split=args.split,
                                    set=args.set)
@@ -363,6 +417,8 @@ def _eval(args: argparse.Namespace) -> int:
         _, dataset = recipe.build_datasets(config, recorded)
     except recipe.UsageError as exc:
         raise CliError(str(exc), "See gopt eval --help") from None
+    names = list(dataset.class_names)
+    show = ShowWriter(args.show_dir, dataset, names, args.show_worst) if args.show_dir else None
     # the adapter's recorded backbone, unless --backbone names one (built with the config's kwargs,
     # as gopt train builds it) or --set gives backbone_kwargs; files that record none use the config's
     named = args.backbone or (None if file.backbone_name else config.backbone)
@@ -371,7 +427,6 @@ def _eval(args: argparse.Namespace) -> int:
                                seed=config.train.seed,
                                options="--backbone, --weights and backbone_kwargs (--config or --set)")
     num_classes = file.config.num_classes
-    names = list(dataset.class_names)
     if len(names) != num_classes:
         raise CliError(f"the adapter predicts {num_classes} classes but {config.dataset} split {config.val_split!r} "
                        f"has {len(names)}", "evaluate it on the dataset (and options) it was trained for")
@@ -379,17 +434,50 @@ def _eval(args: argparse.Namespace) -> int:
         raise CliError(f"the adapter takes {file.config.aux_channels} aux channel(s), the dataset gives "
                        f"{dataset.aux_channels}", "set the dataset's aux option (e.g. --set dataset_options.aux=\"hha\")")
     segmenter.to(device)
-    metrics = evaluate(segmenter, dataset, num_classes, device, window=args.window, stride=args.stride,
-                       amp=config.train.amp, progress=not args.no_progress)
+
+    def timed_evaluation(views, on_prediction) -> tuple[dict[str, Any], float]:
+        started = time.perf_counter()
+        metrics = evaluate(segmenter, dataset, num_classes, device, window=args.window, stride=args.stride,
+                           amp=config.train.amp, progress=not args.no_progress, tta=views,
+                           on_prediction=on_prediction)
+        return metrics, time.perf_counter() - started
+
+    # the single-scale pass, then (with --tta) the TTA pass; --show-dir shows the last one
+    metrics, seconds = timed_evaluation(None, show if tta is None else None)
+    tta_metrics, tta_seconds = timed_evaluation(tta, show) if tta is not None else (None, None)
     width = max(len(n) for n in names)
+    fmt = lambda v: "     -" if math.isnan(v) else f"{100 * v:6.2f}"  # noqa: E731
     print(f"{config.dataset} / {config.val_split}: {len(dataset)} images, adapter {args.adapter}")
-    print(f"{'class':<{width}}  {'IoU':>6}  {'F1':>6}  {'acc':>6}")
-    for name, iou, f1, acc in zip(names, metrics["iou"], metrics["f1"], metrics["acc"]):
-        fmt = lambda v: "     -" if math.isnan(v) else f"{100 * v:6.2f}"  # noqa: E731
-        print(f"{name:<{width}}  {fmt(iou)}  {fmt(f1)}  {fmt(acc)}")
-    print(f"mIoU {100 * metrics['miou']:.2f}  mean F1 {100 * metrics['mean_f1']:.2f}  "
-          f"pixel acc {100 * metrics['pixel_acc']:.2f}  mean acc {100 * metrics['mean_acc']:.2f}")
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
+    print(f"{'class':<{width}}  {'IoU':>6}  {'F1':>6}  {'acc':>6}" + (f"  {'TTA IoU':>7}  {'TTA F1':>7}" if tta else ""))
+    for index, name in enumerate(names):
+        row = f"{name:<{width}}  " + "  ".join(fmt(metrics[key][index]) for key in ("iou", "f1", "acc"))
+        if tta is not None:
+            row += "".join(f"  {fmt(tta_metrics[key][index]):>7}" for key in ("iou", "f1"))
+        print(row)
+
+    def summary(result: dict[str, Any]) -> str:
+        return (f"mIoU {100 * result['miou']:.2f}  mean F1 {100 * result['mean_f1']:.2f}  "
+                f"pixel acc {100 * result['pixel_acc']:.2f}  mean acc {100 * result['mean_acc']:.2f}")
+
+    print(f"{summary(metrics)}  ({'single scale, ' if tta else ''}{seconds:.1f} s)")
+    if tta is not None:
+        print(f"TTA, {tta.describe()}: {summary(tta_metrics)}  (mIoU {100 * (tta_metrics['miou'] - metrics['miou']):+.2f}; "
+              f"{tta_seconds:.1f} s, {tta_seconds / seconds:.2f}x the time)")
+    if show is not None:
+        panels = show.finish((metrics if tta is None else tta_metrics)["confusion"])
+        print(f"{len(panels)} panels, confusion.csv and confusion.png in {args.show_dir}", file=sys.stderr)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path = recipe.write_results(args.out, {
+            "dataset": config.dataset, "split": config.val_split, "adapter": str(args.adapter), "images": len(dataset),
+            "class_names": names, "window": args.window, "stride": args.stride, "metrics": metrics,
+            "seconds": seconds, "tta": None if tta is None else {"scales": list(tta.scales), "flip": tta.flip,
+                                                                 "metrics": tta_metrics, "seconds": tta_seconds}})
+        print(f"wrote {path}", file=sys.stderr)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    if tta is not None:
+        scalars["tta"] = {k: v for k, v in tta_metrics.items() if isinstance(v, float)}
+    print(json.dumps(scalars))
     return 0
 
 
@@ -418,9 +506,9 @@ def _predict(args: argparse.Namespace) -> int:
                        "See gopt predict --help")
     if not 0.0 <= args.alpha <= 1.0:
         raise CliError(f"--alpha {args.alpha} is outside [0, 1]", "Use e.g. --alpha 0.6")
+    _check_window_flags(args)
+    _check_folder(args.out, "-o")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"-o {out} is an existing file, not a folder", "Give a folder for the predictions")
     try:
         if args.pairs_dir:
             jobs = find_pairs(args.pairs_dir)
@@ -476,7 +564,8 @@ def _predict(args: argparse.Namespace) -> int:
             pair = first if index == 0 else read(rgb_path, aux_path)
             pair.stem = stem
             try:
-                label = predict_labels(segmenter, pair, preprocessing.normalize, device, preprocessing.image_scale)
+                label = predict_labels(segmenter, pair, preprocessing.normalize, device, preprocessing.image_scale,
+                                       args.window, args.stride)
             except ValueError as exc:  # e.g. a fixed-size backbone and an image of another size
                 raise CliError(f"{rgb_path}: {exc}", "Use images the backbone accepts (see --backbone-kwargs)") from None
             label_path, panel_path = write_prediction(out, pair, label, class_names, args.aux_cmap, args.legend,

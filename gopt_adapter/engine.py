@@ -38,10 +38,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .files import atomic_write_bytes
+from .inference import NO_TTA, TTAConfig, check_window, segment, size_multiple, tta_scores
 from .losses import LOSSES, OHEM_MIN_KEPT, OHEM_THRESH, build_loss, check_ohem_settings
 from .metrics import SegMetrics
 from .numerics import finite_flags, shown
-from .transforms import resize_logits
 
 IGNORE_INDEX = 255
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -65,20 +65,6 @@ class CheckpointError(ValueError):
 class NonFiniteError(RuntimeError):
     """Training stopped: ``max_nonfinite_steps`` optimizer steps in a row had a non-finite loss
     or gradients. The checkpoint of the last completed epoch is left as it was."""
-
-
-def check_window(window: int | None, stride: int | None, prefix: str = "") -> None:
-    """Validates sliding-window settings: ``window > 0`` and ``0 < stride <= window`` (a larger
-    stride would leave pixels that no window covers)."""
-    if window is None:
-        if stride is not None:
-            raise ValueError(f"{prefix}stride ({stride}) needs {prefix}window")
-        return
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"{prefix}window must be a positive integer, got {window!r}")
-    if stride is not None and not (isinstance(stride, int) and 0 < stride <= window):
-        raise ValueError(f"{prefix}stride must be in 1..{prefix}window: got {prefix}stride {stride!r} "
-                         f"with {prefix}window {window}")
 
 
 @dataclass(frozen=True)
@@ -252,79 +238,59 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ evaluation
-def sliding_window_logits(model: Callable, rgb: torch.Tensor, aux: torch.Tensor, num_classes: int,
-                          window: int, stride: int | None = None) -> torch.Tensor:
-    """Average of the logits of overlapping ``window``-sized crops covering the image.
-
-    ``stride`` (default ``window``) must lie in ``1..window``; the last window of each axis is
-    flush with the border, so every pixel is covered at least once.
-    """
-    check_window(window, stride)
-    stride = window if stride is None else stride
-    height, width = rgb.shape[-2:]
-    if height <= window and width <= window:
-        return model(rgb, aux)
-    logits = rgb.new_zeros(rgb.shape[0], num_classes, height, width, dtype=torch.float32)  # [B, K, H, W]
-    counts = rgb.new_zeros(1, 1, height, width, dtype=torch.float32)  # windows covering each pixel
-    for top in window_starts(height, window, stride):
-        for left in window_starts(width, window, stride):
-            crop = (..., slice(top, top + window), slice(left, left + window))
-            logits[crop] += model(rgb[crop], aux[crop]).float()
-            counts[crop] += 1
-    return logits / counts
-
-
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Start offsets along one axis: every ``stride`` pixels, plus one window flush with the
-    border; ``[0]`` when the axis fits in one window (the crop is then the whole axis)."""
-    check_window(window, stride)
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window + 1, stride))
-    if starts[-1] + window < size:
-        starts.append(size - window)  # last window flush with the border
-    return starts
+#: What :func:`evaluate` hands each image's prediction to: ``(index in the dataset, prediction
+#: [H, W], label [H, W])``, both int64 on the evaluation device (``gopt eval --show-dir``).
+PredictionCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, device: torch.device | str = "cpu",
              ctx: Dist = Dist(), window: int | None = None, stride: int | None = None, amp: bool | None = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, tta: TTAConfig | None = None,
+             on_prediction: PredictionCallback | None = None) -> dict[str, Any]:
     """Full-size evaluation (batch 1, images may differ in size), summed over all ranks.
 
     Metrics are taken at the label's resolution: logits of inputs the transform scaled
-    (``image_scale``) are resized to it first (:func:`resize_logits`). Where ``dataset`` names
-    subsets of its samples (a ``subset_of(stem) -> name | None`` method, e.g. MFNet's day and
-    night frames), the result also holds ``"subsets": {name: metrics}``, from the same pass.
-    Draws nothing from the global RNGs, so evaluating during training leaves the training
-    trajectory unchanged (``eval_every`` may differ on resume).
+    (``image_scale``) are resized to it first (:func:`~gopt_adapter.transforms.resize_logits`).
+    ``window``/``stride`` run each input by sliding window, ``tta`` over test-time augmentations
+    (the mean softmax of every view at the label's resolution, each view by sliding window where
+    ``window`` is given; :func:`~gopt_adapter.inference.tta_scores`); without ``tta`` each image is
+    one view, as it is. ``on_prediction`` sees every image's prediction and label, in order.
+    Where ``dataset`` names subsets of its samples (a ``subset_of(stem) -> name | None`` method,
+    e.g. MFNet's day and night frames), the result also holds ``"subsets": {name: metrics}``,
+    from the same pass. Draws nothing from the global RNGs, so evaluating during training leaves
+    the training trajectory unchanged (``eval_every`` may differ on resume).
     """
     check_window(window, stride)
     was_training = model.training
     model.eval()
-    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))  # no padding duplicates
+    indices = range(ctx.rank, len(dataset), ctx.world_size)  # no padding duplicates
     # its own generator: the loader's base seed would otherwise come from torch's global RNG
-    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0, generator=torch.Generator())
+    loader = DataLoader(Subset(dataset, indices), batch_size=1, shuffle=False, num_workers=0,
+                        generator=torch.Generator())
     metrics = SegMetrics(num_classes, IGNORE_INDEX, device=device)
     subset_of = getattr(dataset, "subset_of", None)
     names = {subset_of(files.stem) for files in dataset.samples} - {None} if subset_of is not None else set()
     # every rank holds every name, seen or not: the sync is a collective
     subsets = {name: SegMetrics(num_classes, IGNORE_INDEX, device=device) for name in sorted(names)}
     autocast = _autocast(device, amp)
-    for batch in terminal_progress(loader, "eval", progress and ctx.is_main):
-        rgb, aux = batch["rgb"].to(device), batch["aux"].to(device)
+
+    def forward(rgb: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:  # the model alone under autocast
         with autocast:
-            if window is not None:
-                logits = sliding_window_logits(model, rgb, aux, num_classes, window, stride)
-            else:
-                logits = model(rgb, aux)
+            return segment(model, rgb, aux, num_classes, window, stride)  # [1, K, h, w]
+
+    for batch, index in zip(terminal_progress(loader, "eval", progress and ctx.is_main), indices):
+        rgb, aux = batch["rgb"].to(device), batch["aux"].to(device)
         label = batch["label"].to(device)  # [1, H, W]
-        prediction = resize_logits(logits, label.shape[-2:]).argmax(1)
+        scores = tta_scores(forward, rgb, aux, label.shape[-2:], tta or NO_TTA, size_multiple(model))  # [1, K, H, W]
+        prediction = scores.argmax(1)  # [1, H, W]
         metrics.update(prediction, label)
         if subsets:
             name = subset_of(batch["meta"]["stem"][0])
             if name is not None:
                 subsets[name].update(prediction, label)
+        if on_prediction is not None:
+            on_prediction(index, prediction[0], label[0])
     result = {}
     for name, accumulator in (("", metrics), *subsets.items()):
         accumulator.sync()

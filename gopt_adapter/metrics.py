@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SegMetrics"]
+__all__ = ["SegMetrics", "row_normalized"]
 
 
 class SegMetrics:
@@ -30,6 +30,8 @@ class SegMetrics:
       defined as 1.0 when p_e = 1 and p_o = 1 (a single class everywhere, all correct).
     * ``predicted_pixels[k]`` = column sum (pixels predicted as ``k``); ``predicted_classes`` =
       the number of classes predicted at all: 1 flags a collapsed model (one class everywhere).
+    * ``confusion`` = the matrix itself (pixel counts, rows ground truth); :func:`row_normalized`
+      turns it into the share of each class's pixels predicted as each class.
 
     All values are fractions (multiply by 100 for the paper's percent); they lie in [0, 1]
     except kappa, which lies in [-1, 1] and is negative only for worse-than-chance
@@ -110,15 +112,16 @@ class SegMetrics:
     def compute(self) -> dict[str, Any]:
         """Return ``pixel_acc, oa, mean_acc, aa, miou, mean_f1, kappa`` (floats), ``iou, f1, acc``
         (per-class lists of floats, ``nan`` where undefined), ``predicted_pixels`` (per-class ints),
-        ``predicted_classes`` and ``total`` pixels."""
+        ``predicted_classes``, ``total`` pixels and ``confusion`` (``[K, K]`` lists of ints)."""
         k = self.num_classes
         cm = (self.confmat if self.confmat is not None else torch.zeros(k, k, dtype=torch.int64)).double().cpu()
         total = float(cm.sum())
         nan = float("nan")
+        confusion = [[int(v) for v in row] for row in cm]
         if total == 0:
             return {"pixel_acc": nan, "oa": nan, "mean_acc": nan, "aa": nan, "miou": nan, "mean_f1": nan,
                     "kappa": nan, "iou": [nan] * k, "f1": [nan] * k, "acc": [nan] * k, "predicted_pixels": [0] * k,
-                    "predicted_classes": 0, "total": 0}
+                    "predicted_classes": 0, "total": 0, "confusion": confusion}
         diag = cm.diagonal()
         rows, cols = cm.sum(1), cm.sum(0)  # ground-truth and prediction counts per class
         union = rows + cols - diag
@@ -145,9 +148,19 @@ class SegMetrics:
             "predicted_pixels": [int(v) for v in cols],
             "predicted_classes": int((cols > 0).sum()),
             "total": int(total),
+            "confusion": confusion,
         }
 
     def __repr__(self) -> str:
         total = 0 if self.confmat is None else int(self.confmat.sum())
         return f"SegMetrics(num_classes={self.num_classes}, ignore_index={self.ignore_index}, pixels={total})"
+
+
+def row_normalized(confusion: Any) -> torch.Tensor:
+    """A confusion matrix (rows ground truth, e.g. ``compute()["confusion"]``) with each row
+    divided by its sum: float64 ``[K, K]``, row ``k`` the shares of class ``k``'s pixels
+    predicted as each class (summing to 1); ``nan`` rows for classes with no pixels."""
+    counts = torch.as_tensor(confusion, dtype=torch.float64)  # [K, K]
+    rows = counts.sum(1, keepdim=True)  # [K, 1]
+    return torch.where(rows > 0, counts / rows.clamp(min=1), torch.full_like(counts, float("nan")))
 

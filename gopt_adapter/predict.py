@@ -17,8 +17,9 @@ What ``gopt predict`` does with one RGB + auxiliary pair:
    training default: ImageNet mean/std for RGB, 0.5/0.5 for aux).
 4. Pads the normalised images at the bottom/right with zeros up to a multiple of the patch
    size (zero after normalisation = the mean colour, which is how the training crop pads),
-   runs the segmenter, crops the logits back to the (scaled) input size and resizes them to
-   the input's full size.
+   runs the segmenter on the whole image or, for large images, by sliding window
+   (``window``/``stride``: the function ``gopt eval`` uses, :func:`gopt_adapter.inference.segment`),
+   crops the logits back to the (scaled) input size and resizes them to the input's full size.
 5. Returns the arg-max label map ``[H, W]`` at the input's full size; :func:`write_prediction` stores it as a PNG
    (mode ``L``, uint8 class ids, for up to 256 classes; 16-bit otherwise) and a figure panel
    (:func:`gopt_adapter.visualize.make_panel`).
@@ -45,8 +46,9 @@ from .datasets.base import check_same_size, files_by_stem, read_image
 from .model import GoptSegmenter
 from .preprocessing import check_aux_channels
 from .scaling import AUX_NORMALIZATIONS, scale_to_unit
+from .inference import check_window, segment
 from .transforms import NormalizeConfig, check_image_scale, resize_image, resize_logits, scaled_size
-from .visualize import class_palette, colorize_aux, make_panel
+from .visualize import class_palette, colorize_aux, make_panel, save_png
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -235,14 +237,17 @@ def find_pairs(directory: str | Path) -> list[tuple[str, Path, Path | None]]:
 # --------------------------------------------------------------------------- forward
 @torch.no_grad()
 def predict_labels(segmenter: GoptSegmenter, pair: ImagePair, normalize: NormalizeConfig = NormalizeConfig(),
-                   device: torch.device | str = "cpu", image_scale: float = 1.0) -> np.ndarray:
+                   device: torch.device | str = "cpu", image_scale: float = 1.0, window: int | None = None,
+                   stride: int | None = None) -> np.ndarray:
     """Arg-max class ids ``int64 [H, W]`` of one pair at its full size: inputs resized by
     ``image_scale`` (the adapter's preprocessing), zero-padded to the patch size, logits
-    cropped back and resized to ``[H, W]``.
+    (of the whole image, or by sliding window with ``window``/``stride``, as ``gopt eval``
+    runs it: :func:`gopt_adapter.inference.segment`) cropped back and resized to ``[H, W]``.
 
     A pair without aux runs ``segmenter(rgb, None)``: the adapter's aux-missing mode.
     """
     check_image_scale(image_scale)
+    check_window(window, stride)
     height, width = pair.rgb.shape[:2]
     size = scaled_size((height, width), image_scale)  # (h, w) the model sees
     ph, pw = segmenter.spec.patch_size
@@ -260,7 +265,8 @@ def predict_labels(segmenter: GoptSegmenter, pair: ImagePair, normalize: Normali
     if pair.aux is not None:
         check_aux_channels(normalize, pair.aux.shape[2])
         aux = model_input(pair.aux, normalize.aux_mean, normalize.aux_std)
-    logits = segmenter(model_input(pair.rgb, normalize.rgb_mean, normalize.rgb_std), aux)  # [1, K, h', w']
+    rgb = model_input(pair.rgb, normalize.rgb_mean, normalize.rgb_std)
+    logits = segment(segmenter, rgb, aux, segmenter.config.num_classes, window, stride)  # [1, K, h', w']
     logits = resize_logits(logits[..., : size[0], : size[1]], (height, width))  # [1, K, H, W]
     return logits[0].argmax(0).cpu().numpy()
 
@@ -279,7 +285,7 @@ def write_prediction(out_dir: str | Path, pair: ImagePair, label: np.ndarray, cl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     label_path, panel_path = out_dir / f"{pair.stem}_label.png", out_dir / f"{pair.stem}_panel.png"
-    label_image(label, len(class_names)).save(label_path)
+    save_png(label_image(label, len(class_names)), label_path)
     cmap = aux_cmap or ("inferno" if pair.aux_kind == "thermal" else "viridis")
     if pair.aux_raw is None:  # RGB alone: a blank pane
         aux_colour, aux_range = np.full_like(pair.rgb_uint8, 128), None
@@ -292,7 +298,7 @@ def write_prediction(out_dir: str | Path, pair: ImagePair, label: np.ndarray, cl
     panel = make_panel(pair.rgb_uint8, aux_colour, label, class_names, class_palette(len(class_names)),
                        titles=("RGB", title, "Prediction"), aux_range=aux_range, aux_cmap=cmap, legend=legend,
                        alpha=alpha)
-    panel.save(panel_path)
+    save_png(panel, panel_path)
     return label_path, panel_path
 
 

@@ -473,8 +473,16 @@ def run(config: RunConfig, resume: bool = False, device: str | None = None) -> d
             save_adapter(model, out / ADAPTER_NAME)
         else:  # what a baseline trained (head, aux branch, and the backbone where it trains)
             write_tensors(out / TRAINED_NAME, trainable_state_dict(model))
-        atomic_write_bytes(out / "results.json", (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
+        write_results(out, record)
     return record
+
+
+def write_results(folder: str | Path, record: dict[str, Any]) -> Path:
+    """``folder/results.json`` (what ``gopt train`` and ``gopt eval --out`` write): ``record`` as
+    standard JSON, NaN as null, written atomically; returns its path."""
+    path = Path(folder) / "results.json"
+    atomic_write_bytes(path, (json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n").encode())
+    return path
 
 
 def main(argv=None, prog: str = "gopt train") -> int:

@@ -144,10 +144,11 @@ class TrainTransformConfig:
         object.__setattr__(self, "image_scale", float(self.image_scale))
 
 
-def check_image_scale(factor: Any) -> None:
-    """Raises ``ValueError`` unless ``factor`` is a finite number > 0 (``image_scale``)."""
+def check_image_scale(factor: Any, name: str = "image_scale") -> None:
+    """Raises ``ValueError`` unless ``factor`` is a finite number > 0 (``image_scale``, or the
+    resize factor ``name``)."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor) and factor > 0):
-        raise ValueError(f"image_scale must be a finite number > 0 (0.5 = half size), got {factor!r}")
+        raise ValueError(f"{name} must be a finite number > 0 (0.5 = half size), got {factor!r}")
 
 
 #: Usual training settings per dataset (``docs/datasets.md``); crop is (height, width).

@@ -64,6 +64,18 @@ def perturb_adapter(segmenter, std: float = 0.05, seed: int = 0) -> None:
                 buffer.add_(torch.rand(buffer.shape, generator=generator) * std)
 
 
+class PixelModel(torch.nn.Module):
+    """Per-pixel model (a 1x1 convolution of rgb + aux to 3 classes): any window of it equals the
+    same window of the whole image, and its mirrored input gives its mirrored output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, rgb, aux):
+        return self.conv(torch.cat([rgb, aux], 1))
+
+
 def with_logits(build_variant, edit):
     """``build_variant`` whose models pass their logits through ``edit`` (a forward hook): a
     model that diverges or collapses on demand, trained by the real recipe."""

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from gopt_adapter import __version__, apply_gopt, count_parameters, save_adapter
-from gopt_adapter import recipe
+from gopt_adapter import cli, recipe
 from gopt_adapter.cli import main
 from gopt_adapter.visualize import class_palette, colormap
 from conftest import nan_logits, with_logits
@@ -102,8 +102,9 @@ def test_help_lists_commands_and_options(capsys):
         assert option in text
     assert "usage: gopt train" in text and "benchmarks.run [" not in text
     for command, options in (("predict", ("--pairs-dir", "--class-names", "--aux-scale", "--backbone-kwargs",
-                                          "--allow-backbone-mismatch", "--rgb-mean", "--aux-std")),
-                             ("eval", ("--dataset", "--adapter", "--split", "--window")),
+                                          "--allow-backbone-mismatch", "--rgb-mean", "--aux-std", "--window")),
+                             ("eval", ("--dataset", "--adapter", "--split", "--window", "--tta", "--scales", "--flip",
+                                       "--out", "--show-dir", "--show-worst")),
                              ("inspect", ("--json",))):
         with pytest.raises(SystemExit):
             main([command, "--help"])
@@ -518,3 +519,94 @@ def test_predict_rgb_alone_with_an_adapter_without_the_mode_is_one_error_line(fi
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no aux-missing mode" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- eval: TTA, results.json, show-dir
+@pytest.fixture(scope="module")
+def synthetic_adapter(tmp_path_factory):
+    """A GoPT adapter of the tiny synthetic world of ``SMALL``, trained for one epoch."""
+    out = tmp_path_factory.mktemp("synthetic") / "run"
+    assert main(["train", *SMALL, "--set", "train.epochs=1", "--out", str(out)]) == 0
+    return str(out / "adapter.safetensors")
+
+
+EVAL = ["eval", "--dataset", "synthetic", "--device", "cpu", "--no-progress", *DATA]
+
+
+def last_json_line(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_tta_at_scale_1_reproduces_plain_eval_and_results_json_keeps_both(synthetic_adapter, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main([*EVAL, "--adapter", synthetic_adapter]) == 0
+    plain = last_json_line(capsys)
+    assert main([*EVAL, "--adapter", synthetic_adapter, "--tta", "--scales", "1", "--out", str(out)]) == 0
+    printed = last_json_line(capsys)
+    assert printed["tta"] == {k: v for k, v in printed.items() if k != "tta"} == plain
+    record = json.loads((out / "results.json").read_text())
+    assert record["tta"]["metrics"] == record["metrics"]  # every metric, per class, and the confusion matrix
+    assert (record["tta"]["scales"], record["tta"]["flip"], record["images"]) == ([1.0], False, 2)
+
+    show = tmp_path / "show"
+    assert main([*EVAL, "--adapter", synthetic_adapter, "--tta", "--flip", "--out", str(out),
+                 "--show-dir", str(show), "--show-worst", "1"]) == 0
+    tta = json.loads((out / "results.json").read_text())
+    assert tta["metrics"] == record["metrics"] and tta["seconds"] > 0 and tta["tta"]["seconds"] > 0
+    assert (tta["tta"]["scales"], tta["tta"]["flip"]) == ([0.75, 1.0, 1.25], True)  # TTAConfig's defaults
+    assert " ".join(f"{s:g}" for s in tta["tta"]["scales"]) == cli.TTA_SCALES_HELP  # the --scales help says them
+    assert len(list(show.glob("synthetic_depth_val_*.png"))) == 1
+    assert (show / "confusion.csv").is_file() and (show / "confusion.png").is_file()
+
+
+def test_eval_flip_changes_nothing_for_a_flip_equivariant_model(synthetic_adapter, tmp_path, capsys, monkeypatch):
+    """The adapter's segmenter replaced by a 1x1 convolution: the mirrored view is the view
+    mirrored, so --flip gives plain evaluation's metrics."""
+    from gopt_adapter import restore
+
+    torch.manual_seed(0)
+    conv = PixelConv(num_classes=8)  # the synthetic depth world's classes
+    monkeypatch.setattr(restore, "restore_segmenter", lambda file, *args, **kwargs: (conv, file))
+    out = tmp_path / "eval"
+    assert main([*EVAL, "--adapter", synthetic_adapter, "--tta", "--scales", "1", "--flip", "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["tta"]["flip"] and record["tta"]["metrics"] == record["metrics"]
+
+
+class PixelConv(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, num_classes, 1)
+
+    def forward(self, rgb, aux):
+        return self.conv(torch.cat([rgb, aux], 1))
+
+
+@pytest.mark.parametrize("flags", [
+    ["--flip"], ["--scales", "1"], ["--tta", "--scales", "0"], ["--tta", "--scales", "1", "1"],
+    ["--show-worst", "2"], ["--window", "0"], ["--stride", "8"], ["--window", "16", "--stride", "17"],
+    ["--out", "FILE"], ["--show-dir", "FILE"], ["--show-dir", "DIR", "--show-worst", "0"],
+])
+def test_eval_flag_errors_are_one_line(synthetic_adapter, tmp_path, capsys, flags):
+    (tmp_path / "file").write_text("not a folder")
+    flags = [{"FILE": str(tmp_path / "file"), "DIR": str(tmp_path / "show")}.get(f, f) for f in flags]
+    assert main([*EVAL, "--adapter", synthetic_adapter, *flags]) == 2
+    assert_one_line_error(capsys)
+
+
+def test_predict_by_sliding_window_runs_the_function_eval_runs(files, depth_pair, tmp_path, capsys, monkeypatch):
+    from gopt_adapter import inference
+    from gopt_adapter.predict import predict_labels, read_pair
+
+    windows, original = [], inference.sliding_window_logits
+    monkeypatch.setattr(inference, "sliding_window_logits",
+                        lambda model, rgb, aux, k, window, stride=None: windows.append((window, stride)) or
+                        original(model, rgb, aux, k, window, stride))
+    out = tmp_path / "out"
+    assert main(predict_args(files, *depth_pair, out=out, extra=["--window", "32", "--stride", "16"])) == 0
+    assert windows == [(32, 16)]
+    label = np.array(Image.open(out / "room_label.png"))
+    expected = predict_labels(files["segmenter"].eval(), read_pair(*depth_pair), window=32, stride=16)
+    assert np.array_equal(label, expected)
+    assert main(predict_args(files, *depth_pair, out=out, extra=["--stride", "16"])) == 2
+    assert_one_line_error(capsys)

@@ -1,4 +1,4 @@
-"""Training engine: schedule, state, sliding windows, exact and checked resume, DDP details."""
+"""Training engine: schedule, state, evaluation, exact and checked resume, DDP details."""
 
 import json
 import math
@@ -7,8 +7,6 @@ import socket
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from gopt_adapter import apply_gopt
 from gopt_adapter.datasets import get_dataset
@@ -25,13 +23,11 @@ from gopt_adapter.engine import (
     json_safe,
     poly_lr_factor,
     shutdown_distributed,
-    sliding_window_logits,
     trainable_state_dict,
-    window_starts,
 )
 from gopt_adapter.metrics import SegMetrics
 from gopt_adapter.transforms import build_transforms, default_train_config
-from conftest import make_backbone, perturb_adapter
+from conftest import PixelModel, make_backbone, perturb_adapter
 
 
 def no_nan(constant):
@@ -69,50 +65,6 @@ def test_trainable_state_is_the_adapter_with_its_batchnorm_buffers():
     state = trainable_state_dict(segmenter)
     expected = {f"adapters.default.{k}" for k in segmenter.adapter.state_dict()}
     assert set(state) == expected
-
-
-class PixelModel(torch.nn.Module):
-    """Per-pixel model: any window of it equals the same window of the whole image."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(4, 3, 1)
-
-    def forward(self, rgb, aux):
-        return self.conv(torch.cat([rgb, aux], 1))
-
-
-@pytest.mark.parametrize("height, width", [(37, 53), (16, 70), (64, 48), (5, 5)])
-@pytest.mark.parametrize("window, stride", [(16, 16), (16, 8), (16, 1), (40, 40), (20, 7), (16, None), (9, 9)])
-def test_sliding_window_equals_full_image_for_a_per_pixel_model(height, width, window, stride):
-    model = PixelModel()
-    rgb, aux = torch.randn(2, 3, height, width), torch.randn(2, 1, height, width)
-    with torch.no_grad():
-        full = model(rgb, aux)
-        windowed = sliding_window_logits(model, rgb, aux, 3, window, stride)
-    assert not windowed.isnan().any()
-    torch.testing.assert_close(windowed, full)
-
-
-@pytest.mark.parametrize("window, stride", [(16, 17), (16, 0), (16, -1), (0, None)])
-def test_sliding_window_refuses_uncovering_strides(window, stride):
-    rgb, aux = torch.randn(1, 3, 40, 40), torch.randn(1, 1, 40, 40)
-    with pytest.raises(ValueError, match="window"):
-        sliding_window_logits(PixelModel(), rgb, aux, 3, window, stride)
-
-
-@settings(max_examples=200, deadline=None)
-@given(size=st.integers(1, 300), window=st.integers(1, 64), data=st.data())
-def test_windows_cover_every_pixel_and_end_at_the_border(size, window, data):
-    stride = data.draw(st.integers(1, window))
-    starts = window_starts(size, window, stride)
-    covered = torch.zeros(size, dtype=torch.bool)
-    for start in starts:
-        covered[start:start + window] = True
-    assert covered.all()
-    assert starts[0] == 0 and min(starts[-1] + window, size) == size
-    assert all(0 <= s and (s + window <= size or size <= window) for s in starts)
-    assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))
 
 
 def synthetic_sets(length=32):
