@@ -68,6 +68,7 @@ __all__ = [
     "SyntheticRGBX",
     "WORLDS",
     "rgb_groups",
+    "world_family",
     "rgb_only_miou_bound",
 ]
 
@@ -146,6 +147,12 @@ WORLDS: dict[str, tuple[SyntheticClass, ...]] = {
 #: World families: how a world's aux image records its levels. ``absolute``: the level plus
 #: bounded noise, the same reading in every image; ``relative``: through a :class:`RelativeSensor`.
 FAMILIES: dict[str, tuple[str, ...]] = {"absolute": ("depth", "thermal", "sar"), "relative": ("relative",)}
+
+
+def world_family(mode: str) -> str:
+    """The family of the world ``mode`` (``ValueError`` for a name no family holds)."""
+    check_choice("mode", mode, tuple(WORLDS))
+    return next(family for family, worlds in FAMILIES.items() if mode in worlds)
 
 
 @dataclass(frozen=True)
@@ -311,7 +318,7 @@ class SyntheticRGBX(SegDataset):
         sensor: RelativeSensor | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(transform)
-        check_choice("mode", mode, tuple(WORLDS))
+        self.family = world_family(mode)
         check_choice("split", split, tuple(_SPLIT_CODES))
         if size < 8:
             raise ValueError(f"size must be >= 8, got {size}")
@@ -325,7 +332,6 @@ class SyntheticRGBX(SegDataset):
         self.length = int(length)
         self.seed = int(seed)
         self.min_regions, self.max_regions = int(min_regions), int(max_regions)
-        self.family = next(family for family, worlds in FAMILIES.items() if mode in worlds)
         if sensor is not None and self.family != "relative":
             raise ValueError(f"sensor applies to the relative family only; mode {mode!r} is {self.family}")
         if self.family == "relative":
