@@ -92,6 +92,13 @@ _BLACK = (0.05, 0.05, 0.06)
 _FIELD = (0.35, 0.50, 0.30)
 _GREY = (0.60, 0.60, 0.60)
 
+
+def _near_to_far(rgb: tuple[float, float, float], *names: str) -> tuple[SyntheticClass, ...]:
+    """Classes of one colour whose depths follow the order of ``names``, evenly spread over [0.2, 0.9]."""
+    levels = np.linspace(0.2, 0.9, len(names))
+    return tuple(SyntheticClass(name, rgb, float(level)) for name, level in zip(names, levels))
+
+
 WORLDS: dict[str, tuple[SyntheticClass, ...]] = {
     "depth": (
         SyntheticClass("wall", _WHITE, 0.90),
@@ -120,28 +127,13 @@ WORLDS: dict[str, tuple[SyntheticClass, ...]] = {
         SyntheticClass("forest", (0.05, 0.20, 0.05), 0.40),
         SyntheticClass("road", (0.90, 0.90, 0.85), 0.20),
     ),
-    # Depth levels near to far within a colour, evenly spread over [0.2, 0.9].
     "relative": (
-        SyntheticClass("pillow", _WHITE, 0.20),
-        SyntheticClass("fridge", _WHITE, 0.4333),
-        SyntheticClass("door", _WHITE, 0.6667),
-        SyntheticClass("wall", _WHITE, 0.90),
-        SyntheticClass("chair", _BROWN, 0.20),
-        SyntheticClass("table", _BROWN, 0.4333),
-        SyntheticClass("cabinet", _BROWN, 0.6667),
-        SyntheticClass("bookshelf", _BROWN, 0.90),
-        SyntheticClass("plant", _GREEN, 0.20),
-        SyntheticClass("towel", _GREEN, 0.55),
-        SyntheticClass("picture", _GREEN, 0.90),
-        SyntheticClass("bag", _BLUE, 0.20),
-        SyntheticClass("sofa", _BLUE, 0.55),
-        SyntheticClass("curtain", _BLUE, 0.90),
-        SyntheticClass("clothes", _RED, 0.20),
-        SyntheticClass("bed", _RED, 0.55),
-        SyntheticClass("blinds", _RED, 0.90),
-        SyntheticClass("books", _YELLOW, 0.20),
-        SyntheticClass("lamp", _YELLOW, 0.55),
-        SyntheticClass("window", _YELLOW, 0.90),
+        *_near_to_far(_WHITE, "pillow", "fridge", "door", "wall"),
+        *_near_to_far(_BROWN, "chair", "table", "cabinet", "bookshelf"),
+        *_near_to_far(_GREEN, "plant", "towel", "picture"),
+        *_near_to_far(_BLUE, "bag", "sofa", "curtain"),
+        *_near_to_far(_RED, "clothes", "bed", "blinds"),
+        *_near_to_far(_YELLOW, "books", "lamp", "window"),
     ),
 }
 #: World families: how a world's aux image records its levels. ``absolute``: the level plus
