@@ -27,7 +27,6 @@ predicts one class only on the validation frames, fails the benchmark (exit stat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import statistics
@@ -41,9 +40,9 @@ from typing import Any
 from gopt_adapter.baselines import VARIANTS
 from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.losses import LOSSES
-from gopt_adapter.version import __version__
 
 from .markdown import invocation, mean_std, write_section
+from .records import cached, fingerprint, write_json
 
 FIELD = Path(__file__).resolve().parents[2] / "shared" / "field"
 ROOT = FIELD / "mfnet_subset"
@@ -125,12 +124,6 @@ QUICK = FieldRecipe(image_scale=0.15, crop_size=(72, 96), epochs=2, batch_size=4
                     seeds=(0,))
 
 
-def fingerprint(settings: dict[str, Any], seed: int) -> str:
-    """What makes two runs the same run: the settings file, the seed and the library version."""
-    blob = json.dumps({"settings": settings, "seed": seed, "version": __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def record_path(out: Path, variant: str, lr: float, seed: int) -> Path:
     return out / "runs" / f"{variant}_lr{lr:g}_s{seed}.json"
 
@@ -146,7 +139,7 @@ def run_one(settings: dict[str, Any], seed: int, root: str, weights: str, work: 
     work_dir = Path(work)
     work_dir.mkdir(parents=True, exist_ok=True)
     settings_file = work_dir / "settings.json"
-    atomic_write_bytes(settings_file, (json.dumps(settings, indent=2) + "\n").encode())
+    write_json(settings_file, settings)
     args = parse_args(["--dataset", "mfnet", "--config", str(settings_file), "--variant", settings["variant"],
                        "--root", root, "--weights", weights,
                        "--out", str(work_dir), "--set", f"train.seed={seed}", "--no-progress"])
@@ -165,20 +158,8 @@ def run_one(settings: dict[str, Any], seed: int, root: str, weights: str, work: 
         "train_time_s": results["wall_time_s"],
         "wall_time_s": time.perf_counter() - start,
     }
-    Path(result).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(result), (json.dumps(record, indent=2) + "\n").encode())
+    write_json(result, record)
     (work_dir / "checkpoint.pt").unlink(missing_ok=True)  # the record is what we keep
-    return record
-
-
-def cached(path: Path, settings: dict[str, Any], seed: int) -> dict[str, Any] | None:
-    """The record at ``path`` if it was made with exactly these settings, else ``None``."""
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    if record.get("fingerprint") != fingerprint(settings, seed):
-        print(f"{path.name}: made under other settings, training it again", file=sys.stderr)
-        return None
     return record
 
 
@@ -301,7 +282,7 @@ def write_configs(recipe: FieldRecipe, chosen: dict[str, float], folder: Path = 
     folder.mkdir(parents=True, exist_ok=True)
     for variant, lr in chosen.items():
         path = folder / f"field_{variant}.json"
-        atomic_write_bytes(path, (json.dumps(recipe.settings(variant, lr), indent=2) + "\n").encode())
+        write_json(path, recipe.settings(variant, lr))
         written.append(path)
     return written
 

@@ -8,8 +8,9 @@ validation scenes under every condition of :data:`gopt_adapter.aux_faults.ROBUST
 clean aux, no aux (the aux-missing mode, which only an adapter trained with ``aux_dropout``
 has), zeros, a flat frame, noise, holes and misregistration. The Foundation row sees RGB
 alone: it is what a model without the second sensor gets, the line no condition should push
-an RGB-X model below. Runs are resumable like the ablation's: every finished run leaves
-``<out>/<world>/<variant>_s<seed>.json``.
+an RGB-X model below. ``--world relative`` adds the relative family's world. Runs are
+resumable like the ablation's: every finished run leaves ``<out>/<world>/<variant>_s<seed>.json``
+with the fingerprint of its settings, reused only while they stay the same.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights
                                       if has_missing_mode else None)
         else:
             conditions[fault.name] = miou_record(evaluate(model, FaultyAux(val, fault, seed), num_classes), val)
-    return finish_run(result, world, variant, seed, model, train, start, **conditions["clean"],
+    return finish_run(config, result, world, variant, seed, model, train, start, **conditions["clean"],
                       conditions=conditions)
 
 

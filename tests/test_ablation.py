@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+
+import pytest
+import timm
+import torch
 
 from benchmarks import ablation, suite
+from gopt_adapter.baselines import build_variant
+from gopt_adapter.datasets import SyntheticRGBX
+from gopt_adapter.demo import DemoConfig
+from gopt_adapter.parameters import count_parameters
 
 TINY = ["--worlds", "depth", "--seeds", "0", "--variants", "gopt", "vpt_shallow", "gopt_soft", "fft", "fft_early",
         "--epochs", "1", "--train-length", "32", "--val-length", "8", "--workers", "1"]
@@ -52,16 +61,102 @@ def test_ablation_rejects_unknown_rows(capsys):
 def test_each_seed_pretrains_its_own_foundation_on_the_same_world(tmp_path):
     """The seed varies the foundation's training, not the scenes: seeds 0 and 1 give different
     weights, seed 0 again gives the same bytes."""
-    from dataclasses import replace
-
-    from gopt_adapter.demo import DemoConfig
-
     demo = DemoConfig(train_length=16, val_length=4)
-    config = ablation.AblationConfig(worlds=("depth",), seeds=(0, 1), variants=("gopt",),
-                                     demo=replace(demo, foundation=replace(demo.foundation, epochs=1)))
+    absolute = replace(ablation.SETUPS["absolute"], demo=replace(demo, foundation=replace(demo.foundation, epochs=1)))
+    config = ablation.AblationConfig(worlds=("depth",), seeds=(0, 1), variants=("gopt",), setups={"absolute": absolute})
     paths = [ablation.foundation_weights(tmp_path / name, "depth", seed)
              for name, seed in (("a", 0), ("b", 1), ("c", 0))]
     for path, seed in zip(paths, (0, 1, 0)):
         ablation.pretrain(config, "depth", seed, str(path))
     first, other, again = (path.read_bytes() for path in paths)
     assert first == again and first != other
+
+
+def test_world_flag_chooses_the_worlds_and_leaves_todays_runs_as_they_were(capsys):
+    parser = ablation.build_parser("ablation", "", ablation.TABLE4, "runs/ablation")
+    config = ablation.config_from_args(parser.parse_args([]))
+    assert config.worlds == ("depth", "thermal") and config.setups == ablation.SETUPS
+    absolute = config.setup("thermal")  # the settings of the runs before the relative family
+    assert absolute.demo == DemoConfig(train_length=384, val_length=128) and absolute.gopt_hidden_dim is None
+    assert (absolute.frozen.epochs, absolute.frozen.lr, absolute.full.lr) == (16, 3e-3, 5e-4)
+    assert absolute.variant_options("gopt") == {} and config.setup("relative").variant_options("gopt") == {"hidden_dim": 8}
+    both = ablation.config_from_args(parser.parse_args(["--world", "depth", "thermal", "relative", "--epochs", "2",
+                                                        "--train-length", "8"]))
+    assert both.worlds == ("depth", "thermal", "relative")
+    for world in both.worlds:  # the overrides reach every family, the rest stays each family's own
+        assert both.setup(world).frozen.epochs == both.setup(world).full.epochs == 2
+        assert both.setup(world).demo.train_length == 8
+        assert both.setup(world).demo.val_length == ablation.SETUPS[world if world == "relative" else "absolute"].demo.val_length
+    assert ablation.config_from_args(parser.parse_args(["--worlds", "relative"])).worlds == ("relative",)
+    assert ablation.main(["--world", "lidar"]) == 2
+    assert "unknown worlds ['lidar']" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        ablation.AblationConfig(worlds=("relative",), setups={"absolute": ablation.SETUPS["absolute"]})
+    with pytest.raises(ValueError):
+        ablation.WorldSetup(DemoConfig(), ablation.SETUPS["absolute"].frozen, ablation.SETUPS["absolute"].full,
+                            gopt_hidden_dim=0)
+
+
+def budget(setup: ablation.WorldSetup, variant: str, num_classes: int) -> int:
+    """Trainable parameters of ``variant`` on ``setup``'s backbone (shapes only, on the meta device)."""
+    with torch.device("meta"):
+        backbone = timm.create_model(setup.demo.backbone, pretrained=False, num_classes=0, **setup.demo.backbone_kwargs)
+        return count_parameters(build_variant(variant, backbone, 1, num_classes, **setup.variant_options(variant))).trainable
+
+
+def test_the_relative_setup_orders_the_budgets_as_the_paper():
+    """256 tokens of 8x8 pixels, 8 blocks, about 100 scenes; GoPT-Shallow < VPT-Shallow < GoPT <
+    VPT-Deep, the order of the paper's ViT-B/16 (0.28M < 0.41M < 0.94M < 2.58M on NYUDv2)."""
+    setup = ablation.SETUPS["relative"]
+    kwargs = setup.demo.backbone_kwargs
+    assert (setup.demo.size // kwargs["patch_size"]) ** 2 >= 256 and kwargs["depth"] >= 8
+    assert 90 <= setup.demo.train_length <= 110 and setup.demo.train_length % setup.frozen.batch_size == 0
+    counts = [budget(setup, v, 20) for v in ("gopt_shallow", "vpt_shallow", "gopt", "vpt_deep")]
+    assert counts == sorted(counts) and len(set(counts)) == 4
+    assert budget(replace(setup, gopt_hidden_dim=None), "gopt", 20) > counts[-1]  # r = 32 would not be
+
+
+def test_a_relative_run_records_its_fingerprint_and_is_trained_again_when_its_settings_change(tmp_path):
+    """A tiny relative world trained in this process: GoPT at the family's width, the record
+    reused while its settings hold, trained again (alone, or with its foundation) when they
+    change or when it has no fingerprint; the setup paragraph prints the RGB-only bound."""
+    relative = ablation.SETUPS["relative"].overridden(epochs=1, train_length=16, val_length=4)
+    relative = replace(relative, demo=replace(relative.demo, size=32, foundation=replace(relative.demo.foundation, epochs=1)))
+    config = ablation.AblationConfig(worlds=("relative",), seeds=(0,), variants=("gopt",), setups={"relative": relative},
+                                     workers=1)
+    out = tmp_path / "abl"
+    records, todo, foundations = ablation.plan(config, out)
+    assert records == [] and len(todo) == 1 and foundations == [("relative", 0, todo[0][3])]
+    ablation.pretrain(config, *foundations[0])
+    record = ablation.run_one(config, *todo[0])
+    assert record["trainable_parameters"] == budget(relative, "gopt", 20)
+    assert record["rgb_only_bound"] == pytest.approx(SyntheticRGBX("relative", length=1).rgb_only_miou_bound)
+    assert "Best mIoU reachable from RGB alone, by construction: relative 17.7." in ablation.setup(config, [record], 60)
+    assert ablation.plan(config, out) == ([record], [], [])
+
+    longer = replace(config, setups={"relative": relative.overridden(epochs=2)})
+    assert ablation.plan(longer, out)[1:] == (todo, [])  # the run again, on the same foundation
+    more = replace(config, setups={"relative": relative.overridden(train_length=32)})
+    assert ablation.plan(more, out)[1:] == (todo, foundations)  # other scenes: a new foundation too
+    result = out / "relative" / "gopt_s0.json"
+    result.write_text(json.dumps({k: v for k, v in record.items() if k != "fingerprint"}))  # made before fingerprints
+    assert ablation.plan(config, out)[1:] == (todo, [])
+
+
+def test_report_of_both_families():
+    """Fake records of both families: one paper column per dataset, GoPT-Shallow's interval and
+    the two-stream LayerNorms per backbone."""
+    config = ablation.AblationConfig(worlds=("depth", "relative"), seeds=(0,), variants=("gopt", "gopt_shallow", "fft"))
+    records = [{"world": world, "variant": variant, "seed": 0, "miou": 0.5, "miou_aux_classes": 0.4,
+                "trainable_parameters": 1000, "rgb_only_bound": bound,
+                **({"exchanged_channels": {"rgb": 4, "aux": 4, "of": channels, "layer_norms": norms}}
+                   if variant == "fft" else {})}
+               for world, bound, channels, norms in (("depth", 2 / 3, 864, 9), ("relative", 0.1771, 1088, 17))
+               for variant in config.variants]
+    text = ablation.report(config, records, 60.0)
+    assert text.count("paper nyudv2 mIoU") == 1 and "| 54.1 |" in text
+    assert "### Fig. 6 layout: interval between prompters (4 / 8-block backbone)" in text
+    assert "| 4 / 8 | 1,000 / 1,000 |" in text
+    assert "summed over its 9 LayerNorms of 864 channels per stream (depth seed 0" in text
+    assert "summed over its 17 LayerNorms of 1,088 channels per stream (relative seed 0" in text
+    assert "depth 66.7, relative 17.7." in text and "GoPT rows of width 8" in text

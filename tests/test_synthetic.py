@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gopt_adapter.datasets import WORLDS, SyntheticRGBX, get_dataset, rgb_only_miou_bound
+from gopt_adapter.datasets import FAMILIES, WORLDS, RelativeSensor, SyntheticRGBX, get_dataset, rgb_only_miou_bound
 from gopt_adapter.metrics import SegMetrics
 
 MODES = sorted(WORLDS)
+ABSOLUTE = FAMILIES["absolute"]
+ROOT = Path(__file__).resolve().parents[1]
+#: The last commit before the relative family: the absolute worlds must still generate its scenes.
+BEFORE_RELATIVE = "7329ff1"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -158,7 +166,7 @@ def uniform_guesser_miou(counts: torch.Tensor, groups: list[tuple[int, ...]],
     return low / k_all, mean_field / k_all, high / k_all
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ABSOLUTE)
 def test_oracles_rgb_only_stays_at_bound_rgbx_reaches_one(mode: str) -> None:
     ds = SyntheticRGBX(mode, "val", size=64, length=48, seed=0)
     g = torch.Generator().manual_seed(0)
@@ -216,6 +224,14 @@ def test_invalid_options() -> None:
         SyntheticRGBX("depth", "holdout")
     with pytest.raises(ValueError, match="size"):
         SyntheticRGBX("depth", size=4)
+    with pytest.raises(ValueError):
+        SyntheticRGBX("depth", sensor=RelativeSensor())  # the absolute family has no such sensor
+    for bad in ({"gain": (0.0, 1.0)}, {"gain": (0.8, 0.4)}, {"noise": -0.1}, {"hole_fraction": 0.9},
+                {"noise_cell": 0}, {"max_shift": -1}, {"max_shift": 1.5}):
+        with pytest.raises(ValueError):
+            RelativeSensor(**bad)
+    with pytest.raises(TypeError):
+        SyntheticRGBX("relative", sensor={"holes": 0.1})  # not a field
 
 
 def test_cache_returns_exactly_the_generated_scenes():
@@ -238,3 +254,143 @@ def test_cache_returns_exactly_the_generated_scenes():
             again = cached[index]
             assert all(torch.equal(first[k], again[k]) for k in ("rgb", "aux", "label"))
     assert len(cached._cache) == 4
+
+
+def module_before_relative(tmp_path: Path, monkeypatch):
+    """``synthetic.py`` as it was at :data:`BEFORE_RELATIVE`, imported beside today's (same package)."""
+    try:
+        source = subprocess.run(["git", "show", f"{BEFORE_RELATIVE}:gopt_adapter/datasets/synthetic.py"], cwd=ROOT,
+                                capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no git history with {BEFORE_RELATIVE} here: {exc}")
+    path = tmp_path / "synthetic_before_relative.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("gopt_adapter.datasets._synthetic_before_relative", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_absolute_worlds_are_bit_identical_to_before_the_relative_family(tmp_path, monkeypatch):
+    """Same seed, same scenes: every absolute world, split and a few sizes and indices, compared
+    bit for bit with the code of the commit before (run on this machine, so no BLAS differs)."""
+    before = module_before_relative(tmp_path, monkeypatch)
+    for mode, split, size, seed in itertools.product(ABSOLUTE, ("train", "val"), (40, 64), (0, 7)):
+        now = SyntheticRGBX(mode, split, size=size, length=3, seed=seed)
+        then = before.SyntheticRGBX(mode, split, size=size, length=3, seed=seed)
+        assert now.class_names == then.class_names and now.rgb_only_miou_bound == then.rgb_only_miou_bound
+        for index in range(3):
+            a, b = now.generate(index), then.generate(index)
+            assert all(torch.equal(a[key], b[key]) for key in ("rgb", "aux", "label")), (mode, split, size, seed, index)
+            assert a["meta"] == b["meta"]
+
+
+def test_relative_world_has_20_classes_3_or_4_to_a_colour_ordered_by_depth():
+    ds = SyntheticRGBX("relative", length=1)
+    assert ds.family == "relative" and ds.sensor == RelativeSensor() and ds.num_classes >= 20
+    assert sorted(len(g) for g in ds.groups) == [3, 3, 3, 3, 4, 4]
+    assert ds.aux_dependent_classes == frozenset(range(ds.num_classes))  # RGB alone tells no class
+    colours = [ds.classes[g[0]].rgb for g in ds.groups]
+    for a, b in itertools.combinations(colours, 2):  # distinct colours stay separable pixel by pixel
+        assert max(abs(x - y) for x, y in zip(a, b)) >= 0.3
+    for group in ds.groups:  # ordered near to far, spread evenly over [0.2, 0.9]
+        levels = [ds.classes[i].aux for i in group]
+        assert levels == sorted(levels) and levels[0] == 0.2 and levels[-1] == 0.9
+        assert min(np.diff(levels)) >= 0.7 / 3 - 1e-3
+    expected = (2 * 4 / 7 + 4 * 3 / 5) / 20  # groups of k equally likely members: k / (2k - 1)
+    assert ds.rgb_only_miou_bound == pytest.approx(expected) == rgb_only_miou_bound([1.0] * 20, ds.groups)
+    assert "rgb_only_miou_bound=0.1771" in repr(ds)
+
+
+def interior_medians(sample: dict, num_classes: int, margin: int = 3) -> dict[int, float]:
+    """Median recorded aux of each class over its pixels at least ``margin`` from another class
+    (so a shift of up to ``margin`` pixels cannot reach them) and not in a hole."""
+    label = sample["label"]
+    pad = torch.nn.functional.pad(label[None, None].float(), (margin,) * 4, mode="replicate")
+    low = -torch.nn.functional.max_pool2d(-pad, 2 * margin + 1, stride=1)[0, 0]
+    high = torch.nn.functional.max_pool2d(pad, 2 * margin + 1, stride=1)[0, 0]
+    aux = sample["aux"][0]
+    keep = (low == high) & (aux > 0)
+    return {c: float(aux[keep & (label == c)].median()) for c in range(num_classes)
+            if int((keep & (label == c)).sum()) >= 20}
+
+
+def test_relative_aux_keeps_the_order_of_levels_under_each_images_gain_and_offset():
+    """Within a scene the recorded aux is an increasing affine map of the levels (gain in
+    [0.4, 1], offset in [0, 1 - gain]), so the order of any two classes' levels survives; across
+    scenes the map changes so much that a class's absolute reading says little."""
+    ds = SyntheticRGBX("relative", "val", size=64, length=40, seed=3)
+    levels = np.array([c.aux for c in ds.classes])
+    gains, offsets, readings = [], [], {}
+    for index in range(len(ds)):
+        medians = interior_medians(ds[index], ds.num_classes)
+        classes = sorted(medians, key=lambda c: levels[c])
+        if len({levels[c] for c in classes}) < 2:
+            continue
+        values = np.array([medians[c] for c in classes])
+        for i, j in itertools.combinations(range(len(classes)), 2):
+            if levels[classes[j]] - levels[classes[i]] >= 0.2:  # noise is <= 0.06; gain >= 0.4
+                assert values[j] > values[i], (index, classes[i], classes[j])
+        gain, offset = np.polyfit(levels[classes], values, 1)
+        assert 0.4 - 0.05 <= gain <= 1 + 0.05 and -0.05 <= offset <= 1 - gain + 0.05
+        gains.append(gain)
+        offsets.append(offset)
+        for c in classes:
+            readings.setdefault(c, []).append(medians[c])
+    assert len(gains) >= 30 and max(gains) - min(gains) > 0.3 and max(offsets) - min(offsets) > 0.3
+    near, far = [c for c in range(ds.num_classes) if levels[c] == 0.2], [c for c in range(ds.num_classes) if levels[c] == 0.9]
+    assert max(v for c in near for v in readings.get(c, [])) > min(v for c in far for v in readings.get(c, []))
+
+
+def test_relative_holes_cover_about_a_tenth_of_the_pixels_in_blobs():
+    """Each image's share is uniform in [5%, 15%]: the mean of 40 lies within Hoeffding's
+    +-0.1 * sqrt(log(2 / 1e-6) / 80) = +-0.043 of 10% (with probability 1 - 1e-6); the holes
+    come in blobs (most hole pixels have only holes as 4-neighbours), not scattered pixels."""
+    ds = SyntheticRGBX("relative", size=64, length=40, seed=1)
+    shares, inner = [], []
+    for index in range(len(ds)):
+        hole = ds[index]["aux"][0] == 0  # [S, S]
+        shares.append(float(hole.float().mean()))
+        core = hole[1:-1, 1:-1] & hole[:-2, 1:-1] & hole[2:, 1:-1] & hole[1:-1, :-2] & hole[1:-1, 2:]
+        inner.append(float(core.sum()) / max(1, int(hole[1:-1, 1:-1].sum())))
+    assert all(0.05 - 1e-3 <= share <= 0.15 + 1e-3 for share in shares)
+    assert abs(np.mean(shares) - 0.1) <= 0.1 * math.sqrt(math.log(2 / 1e-6) / (2 * 40))
+    assert np.mean(inner) > 0.6
+    assert float((SyntheticRGBX("relative", size=32, length=1, sensor={"hole_fraction": 0.0})[0]["aux"] == 0)
+                 .float().mean()) == 0.0
+
+
+def test_relative_misregistration_stays_within_max_shift():
+    """The shift that best explains each image's aux by an affine map of the shifted level map
+    is within +-2 pixels on both axes, and not always zero."""
+    ds = SyntheticRGBX("relative", size=64, length=12, seed=2)
+    levels = np.array([c.aux for c in ds.classes], dtype=np.float64)
+    found, reach, s = [], 4, ds.size
+    for index in range(len(ds)):
+        sample = ds[index]
+        level = np.pad(levels[sample["label"].numpy()], reach, mode="edge")
+        aux = sample["aux"][0].numpy().astype(np.float64)
+        valid = aux > 0
+
+        def residual(dy: int, dx: int) -> float:
+            shifted = level[reach + dy:reach + dy + s, reach + dx:reach + dx + s][valid]
+            design = np.stack([shifted, np.ones_like(shifted)], 1)
+            return float(np.linalg.lstsq(design, aux[valid], rcond=None)[1].sum())
+
+        found.append(min(itertools.product(range(-reach, reach + 1), repeat=2), key=lambda d: residual(*d)))
+    assert all(max(abs(dy), abs(dx)) <= 2 for dy, dx in found) and any(d != (0, 0) for d in found)
+    unshifted = SyntheticRGBX("relative", size=32, length=1, sensor=RelativeSensor(max_shift=0))[0]
+    assert unshifted["aux"].shape == (1, 32, 32)
+
+
+def test_the_relative_world_is_chosen_in_gopt_train_settings():
+    """``--set dataset_options.mode=relative`` (and its sensor's fields) through gopt train's path."""
+    from gopt_adapter.recipe import build_datasets, load_run_config, parse_args
+
+    config = load_run_config(parse_args(["--dataset", "synthetic", "--set", "dataset_options.mode=relative",
+                                         "--set", "dataset_options.sensor.max_shift=1"]))
+    train, val = build_datasets(config)
+    for dataset in (train, val):
+        assert dataset.family == "relative" and dataset.sensor == RelativeSensor(max_shift=1)
+        assert dataset.num_classes == 20

@@ -19,7 +19,7 @@ from .nyudv2 import NYUDV2_CLASSES, NYUDv2
 from .pst900 import PST900_CLASSES, PST900
 from .rgbx import RGBXDataset
 from .sunrgbd import SUNRGBD_CLASSES, SUNRGBD
-from .synthetic import WORLDS, SyntheticClass, SyntheticRGBX, rgb_only_miou_bound
+from .synthetic import FAMILIES, WORLDS, RelativeSensor, SyntheticClass, SyntheticRGBX, rgb_only_miou_bound, world_family
 from .whu_opt_sar import WHU_OPT_SAR_CLASSES, WHUOptSar, tile_whu_opt_sar
 
 __all__ = [
@@ -38,7 +38,10 @@ __all__ = [
     "WHUOptSar",
     "SyntheticRGBX",
     "SyntheticClass",
+    "RelativeSensor",
     "WORLDS",
+    "FAMILIES",
+    "world_family",
     "rgb_only_miou_bound",
     "tile_whu_opt_sar",
     "NYUDV2_CLASSES",

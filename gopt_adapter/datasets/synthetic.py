@@ -32,6 +32,20 @@ Worlds (``mode``), classes as ``name (aux level)``, groups of identical RGB in b
 * ``"sar"`` (optical + SAR backscatter): [farmland (0.45), water (0.05)],
   [city (0.95), village (0.45)], forest (0.40), road (0.20). RGB-only bound 5/9 = 0.5556.
 
+These three are the ``absolute`` family: a level reads the same in every image. The
+``relative`` family (one world, ``"relative"``) records the same kind of scene as a real depth
+sensor would, through :class:`RelativeSensor`: per image, a random gain and offset (so a level
+means something only relative to the rest of its scene), smooth noise in cells one patch wide,
+per-pixel noise, a misregistration of up to 2 pixels against RGB and labels, and blobs of
+missing readings (0) over about 10% of the pixels, drawn independently of the classes. Its 20
+classes come in 6 colours shared by 3 or 4 classes each, whose depths are ordered within the
+colour, evenly spread over [0.2, 0.9]: only a region's depth relative to the scene tells them
+apart. RGB-only bound (2 * 4/7 + 4 * 3/5) / 20 = 0.1771.
+
+* ``"relative"`` (indoor, aux = depth up to a per-image gain and offset, 1 = far), near to far
+  within each colour: [pillow, fridge, door, wall], [chair, table, cabinet, bookshelf],
+  [plant, towel, picture], [bag, sofa, curtain], [clothes, bed, blinds], [books, lamp, window].
+
 Samples are a deterministic function of ``(seed, split, index)`` (independent of worker
 count and access order), generated on the fly; ``rgb`` and ``aux`` are in [0, 1], like
 every reader in this package.
@@ -40,7 +54,7 @@ every reader in this package.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,10 +62,13 @@ import torch
 from .base import IGNORE_INDEX, SegDataset, Transform, check_choice
 
 __all__ = [
+    "FAMILIES",
+    "RelativeSensor",
     "SyntheticClass",
     "SyntheticRGBX",
     "WORLDS",
     "rgb_groups",
+    "world_family",
     "rgb_only_miou_bound",
 ]
 
@@ -65,22 +82,33 @@ class SyntheticClass:
     aux: float
 
 
+_WHITE = (0.80, 0.75, 0.65)
+_BROWN = (0.45, 0.30, 0.20)
 _GREEN = (0.20, 0.60, 0.25)
 _BLUE = (0.20, 0.30, 0.75)
+_RED = (0.85, 0.20, 0.20)
+_YELLOW = (0.95, 0.90, 0.30)
 _BLACK = (0.05, 0.05, 0.06)
 _FIELD = (0.35, 0.50, 0.30)
 _GREY = (0.60, 0.60, 0.60)
 
+
+def _near_to_far(rgb: tuple[float, float, float], *names: str) -> tuple[SyntheticClass, ...]:
+    """Classes of one colour whose depths follow the order of ``names``, evenly spread over [0.2, 0.9]."""
+    levels = np.linspace(0.2, 0.9, len(names))
+    return tuple(SyntheticClass(name, rgb, float(level)) for name, level in zip(names, levels))
+
+
 WORLDS: dict[str, tuple[SyntheticClass, ...]] = {
     "depth": (
-        SyntheticClass("wall", (0.80, 0.75, 0.65), 0.90),
-        SyntheticClass("floor", (0.45, 0.30, 0.20), 0.60),
+        SyntheticClass("wall", _WHITE, 0.90),
+        SyntheticClass("floor", _BROWN, 0.60),
         SyntheticClass("picture", _GREEN, 0.85),
         SyntheticClass("cabinet", _GREEN, 0.35),
         SyntheticClass("rug", _BLUE, 0.60),
         SyntheticClass("table", _BLUE, 0.20),
-        SyntheticClass("chair", (0.85, 0.20, 0.20), 0.30),
-        SyntheticClass("lamp", (0.95, 0.90, 0.30), 0.50),
+        SyntheticClass("chair", _RED, 0.30),
+        SyntheticClass("lamp", _YELLOW, 0.50),
     ),
     "thermal": (
         SyntheticClass("road", (0.40, 0.40, 0.42), 0.40),
@@ -99,7 +127,65 @@ WORLDS: dict[str, tuple[SyntheticClass, ...]] = {
         SyntheticClass("forest", (0.05, 0.20, 0.05), 0.40),
         SyntheticClass("road", (0.90, 0.90, 0.85), 0.20),
     ),
+    "relative": (
+        *_near_to_far(_WHITE, "pillow", "fridge", "door", "wall"),
+        *_near_to_far(_BROWN, "chair", "table", "cabinet", "bookshelf"),
+        *_near_to_far(_GREEN, "plant", "towel", "picture"),
+        *_near_to_far(_BLUE, "bag", "sofa", "curtain"),
+        *_near_to_far(_RED, "clothes", "bed", "blinds"),
+        *_near_to_far(_YELLOW, "books", "lamp", "window"),
+    ),
 }
+#: World families: how a world's aux image records its levels. ``absolute``: the level plus
+#: bounded noise, the same reading in every image; ``relative``: through a :class:`RelativeSensor`.
+FAMILIES: dict[str, tuple[str, ...]] = {"absolute": ("depth", "thermal", "sar"), "relative": ("relative",)}
+
+
+def world_family(mode: str) -> str:
+    """The family of the world ``mode`` (``ValueError`` for a name no family holds)."""
+    check_choice("mode", mode, tuple(WORLDS))
+    return next(family for family, worlds in FAMILIES.items() if mode in worlds)
+
+
+@dataclass(frozen=True)
+class RelativeSensor:
+    """How the ``relative`` family's aux sensor records a scene's level map, per image.
+
+    In order: the level map is shifted against RGB and labels by a whole number of pixels in
+    ``[-max_shift, max_shift]`` along each axis (misregistration; edges repeated); scaled by a
+    gain uniform in ``gain`` and lifted by an offset uniform in ``[0, 1 - gain]`` (so a level
+    reads differently in every image, and only its place among the scene's levels counts);
+    smooth noise of half-width ``noise`` on cells ``noise_cell`` pixels wide (one ViT patch:
+    a patch's own reading is off by an amount its neighbours share) and per-pixel noise of
+    half-width ``pixel_noise`` are added; the result is clipped to [0, 1]. Last, blobs of a
+    smooth field on cells ``hole_cell`` pixels wide become holes of 0 (no reading) over a share
+    of the pixels uniform in ``[hole_fraction / 2, 3 * hole_fraction / 2]``: like a depth
+    sensor's missing returns, but independent of the classes, so the holes tell nothing.
+    """
+
+    gain: tuple[float, float] = (0.4, 1.0)
+    noise: float = 0.04
+    noise_cell: int = 8
+    pixel_noise: float = 0.02
+    hole_fraction: float = 0.1
+    hole_cell: int = 16
+    max_shift: int = 2
+
+    def __post_init__(self) -> None:
+        gain = tuple(float(v) for v in self.gain)
+        if len(gain) != 2 or not 0 < gain[0] <= gain[1] <= 1:
+            raise ValueError(f"gain must be (low, high) with 0 < low <= high <= 1, got {self.gain}")
+        if self.noise < 0 or self.pixel_noise < 0:
+            raise ValueError(f"noise and pixel_noise must be >= 0, got {self.noise}, {self.pixel_noise}")
+        if not 0 <= self.hole_fraction <= 2 / 3:
+            raise ValueError(f"hole_fraction must be in [0, 2/3] (the share varies up to 1.5 times it), "
+                             f"got {self.hole_fraction}")
+        for name in ("noise_cell", "hole_cell"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.max_shift, int) or self.max_shift < 0:
+            raise ValueError(f"max_shift must be a non-negative integer, got {self.max_shift!r}")
+        object.__setattr__(self, "gain", gain)
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 # Noise amplitudes (half-widths of uniform distributions); see the module docstring.
@@ -180,7 +266,8 @@ class SyntheticRGBX(SegDataset):
     """The synthetic RGB-X world as a dataset (no files; samples are generated on access).
 
     Args:
-        mode: ``"depth"``, ``"thermal"`` or ``"sar"`` (see the module docstring).
+        mode: ``"depth"``, ``"thermal"``, ``"sar"`` (the absolute family) or ``"relative"``
+            (see the module docstring).
         split: ``"train"``, ``"val"`` or ``"test"``: independent streams of scenes.
         size: side of the square images (default 128).
         length: number of samples in the split (default 1000).
@@ -190,9 +277,13 @@ class SyntheticRGBX(SegDataset):
         cache: keep every generated scene in memory (before the transform), for runs that
             read a small split many times; samples are deterministic, so nothing changes but
             the speed (and about ``5 * size**2 * 4`` bytes per scene).
+        sensor: the relative family's :class:`RelativeSensor`, or a mapping of its fields (as a
+            settings file gives it); default ``RelativeSensor()``. Refused for the absolute family.
 
     Attributes:
         classes: the :class:`SyntheticClass` list of the mode.
+        family: ``"absolute"`` or ``"relative"`` (:data:`FAMILIES`).
+        sensor: the :class:`RelativeSensor` of a relative world, ``None`` for an absolute one.
         class_names, num_classes, aux_channels (1), ignore_index (255, never present).
         groups: class indices grouped by identical RGB colour.
         aux_dependent_classes: classes that share their RGB colour with another class and
@@ -206,7 +297,7 @@ class SyntheticRGBX(SegDataset):
 
     def __init__(
         self,
-        mode: Literal["depth", "thermal", "sar"] = "depth",
+        mode: Literal["depth", "thermal", "sar", "relative"] = "depth",
         split: str = "train",
         *,
         size: int = 128,
@@ -216,9 +307,10 @@ class SyntheticRGBX(SegDataset):
         max_regions: int = 16,
         transform: Transform | None = None,
         cache: bool = False,
+        sensor: RelativeSensor | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(transform)
-        check_choice("mode", mode, tuple(WORLDS))
+        self.family = world_family(mode)
         check_choice("split", split, tuple(_SPLIT_CODES))
         if size < 8:
             raise ValueError(f"size must be >= 8, got {size}")
@@ -232,6 +324,12 @@ class SyntheticRGBX(SegDataset):
         self.length = int(length)
         self.seed = int(seed)
         self.min_regions, self.max_regions = int(min_regions), int(max_regions)
+        if sensor is not None and self.family != "relative":
+            raise ValueError(f"sensor applies to the relative family only; mode {mode!r} is {self.family}")
+        if self.family == "relative":
+            self.sensor = sensor if isinstance(sensor, RelativeSensor) else RelativeSensor(**(sensor or {}))
+        else:
+            self.sensor = None
         self.classes = WORLDS[mode]
         self.class_names = tuple(c.name for c in self.classes)
         self.groups = rgb_groups(self.classes)
@@ -241,7 +339,10 @@ class SyntheticRGBX(SegDataset):
         self._aux_table = np.array([c.aux for c in self.classes], dtype=np.float32)  # [K]
         centres = np.arange(self.size, dtype=np.float32) + 0.5
         self._grid = np.stack(np.meshgrid(centres, centres, indexing="ij"))  # [2, S, S] (y, x)
-        self._weights = {cells: _bilinear_weights(cells, self.size) for cells in (3, 4, 8)}
+        cells = {3, 4, 8}
+        if self.sensor is not None:
+            cells |= {self._cells(self.sensor.noise_cell), self._cells(self.sensor.hole_cell)}
+        self._weights = {n: _bilinear_weights(n, self.size) for n in cells}
         self._cache: dict[int, dict[str, Any]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -279,7 +380,9 @@ class SyntheticRGBX(SegDataset):
                + _smooth_noise(rng, 3, self._weights[8]) * np.float32(_RGB_TEXTURE)
                + _uniform(rng, (3, s, s), _RGB_PIXEL))
         level = self._aux_table[label][None]  # [1, S, S]
-        if self.mode == "sar":
+        if self.sensor is not None:
+            aux = self._record(rng, level)
+        elif self.mode == "sar":
             aux = level * (1 + _uniform(rng, (1, s, s), _SPECKLE))
         else:
             aux = (level + _smooth_noise(rng, 1, self._weights[4]) * np.float32(_AUX_FIELD)
@@ -290,6 +393,26 @@ class SyntheticRGBX(SegDataset):
             "label": torch.from_numpy(label.astype(np.int64)),  # [S, S]
             "meta": {"stem": f"synthetic_{self.mode}_{self.split}_{index:06d}", "size": (s, s)},
         }
+
+    def _cells(self, width: int) -> int:
+        """Cells of a smooth field whose cells are about ``width`` pixels wide."""
+        return max(1, round(self.size / width))
+
+    def _record(self, rng: np.random.Generator, level: np.ndarray) -> np.ndarray:
+        """What the :class:`RelativeSensor` records of the level map ``[1, S, S]``, before the
+        clip to [0, 1] that :meth:`generate` applies to every world (it leaves the holes at 0)."""
+        sensor, s, m = self.sensor, self.size, self.sensor.max_shift
+        dy, dx = rng.integers(-m, m + 1, 2)
+        level = np.pad(level, ((0, 0), (m, m), (m, m)), mode="edge")[:, m + dy:m + dy + s, m + dx:m + dx + s]
+        gain = rng.uniform(*sensor.gain)
+        offset = rng.uniform(0.0, 1.0 - gain)
+        aux = (np.float32(gain) * level + np.float32(offset)  # [1, S, S], misregistered
+               + _smooth_noise(rng, 1, self._weights[self._cells(sensor.noise_cell)]) * np.float32(sensor.noise)
+               + _uniform(rng, (1, s, s), sensor.pixel_noise))
+        field = _smooth_noise(rng, 1, self._weights[self._cells(sensor.hole_cell)]).reshape(-1)  # [S*S]
+        holes = round(rng.uniform(0.5, 1.5) * sensor.hole_fraction * field.size)
+        aux.reshape(-1)[np.argsort(field)[field.size - holes:]] = 0.0  # the field's highest pixels: blobs
+        return aux
 
     def __repr__(self) -> str:
         return (f"SyntheticRGBX(mode={self.mode!r}, split={self.split!r}, size={self.size}, "
