@@ -88,7 +88,7 @@ class GoptAdapter(nn.Module, SegmentationAdapter):
         xavier_init_(self)
         nn.init.xavier_uniform_(self.class_tokens)
         if self.missing_aux is not None:
-            nn.init.trunc_normal_(self.missing_aux, std=0.02)  # near the mean of LayerNorm'd aux tokens
+            nn.init.trunc_normal_(self.missing_aux, std=0.02)  # near the aux tokens' mean (0: they are centred)
         for prompter in self.prompters:
             nn.init.zeros_(prompter.up.weight)
             nn.init.zeros_(prompter.up.bias)
