@@ -135,19 +135,21 @@ def hybrid(dynamic_img_pad: bool = False):
 
 def test_hybrid_aux_token_covers_the_pixels_of_its_rgb_token():
     """Kernel = stride = stem stride x patch size: one changed aux pixel changes exactly the aux
-    token at the position of the RGB token those pixels belong to, on the same grid."""
+    conv's token at the position of the RGB token those pixels belong to, on the same grid (the
+    scene normalisation after the conv then reads every token relative to the image)."""
     segmenter = apply_gopt(hybrid(), aux_channels=1, num_classes=3, hidden_dim=8).eval()
     assert segmenter.spec.patch_size == (32, 32) and segmenter.spec.in_chans == 3
     rgb, aux = torch.randn(1, 3, 64, 96), torch.randn(1, 1, 64, 96)
     with torch.no_grad():
         grid = segmenter.features(rgb, aux).shape[-2:]
-        tokens = segmenter.adapter.aux_embed(aux)
+        conv = segmenter.adapter.aux_embed.proj
+        tokens = conv(aux).flatten(2)  # [1, r, S]
         for y, x in [(0, 0), (40, 70), (63, 95)]:
             moved = aux.clone()
             moved[..., y, x] += 1.0
-            changed = (segmenter.adapter.aux_embed(moved) - tokens).abs().sum(-1)[0].nonzero().flatten()
+            changed = (conv(moved).flatten(2) - tokens).abs().sum(1)[0].nonzero().flatten()
             assert changed.tolist() == [(y // 32) * grid[1] + x // 32]
-    assert tuple(grid) == (2, 3) and tokens.shape[1] == 6
+    assert tuple(grid) == (2, 3) and tokens.shape[-1] == 6
 
 
 def test_padded_hybrid_pads_like_its_stem():
