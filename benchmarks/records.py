@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gopt_adapter.engine import json_safe
 from gopt_adapter.files import atomic_write_bytes
 from gopt_adapter.version import __version__
 
@@ -27,9 +28,10 @@ def fingerprint(settings: dict[str, Any], seed: int) -> str:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Writes ``data`` to ``path`` as indented JSON, atomically: a record that exists is complete."""
+    """Writes ``data`` to ``path`` as indented standard JSON (NaN as null, as every results file
+    of the library), atomically: a record that exists is complete."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n").encode())
 
 
 def cached(path: Path, settings: dict[str, Any], seed: int) -> dict[str, Any] | None:

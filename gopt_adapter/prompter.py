@@ -50,7 +50,8 @@ def scene_normalized(tokens: torch.Tensor) -> torch.Tensor:
     embeds to just that (docs/method.md, reading 2). The floor under the RMS keeps a flat
     image's tokens at zero instead of blowing float rounding up to unit scale.
     """
-    centred = tokens.float() - tokens.float().mean(dim=1, keepdim=True)  # [B, N, r]
+    values = tokens.float()
+    centred = values - values.mean(dim=1, keepdim=True)  # [B, N, r]
     scale = torch.rsqrt(centred.pow(2).mean(dim=(1, 2), keepdim=True) + 1e-6)  # [B, 1, 1]
     return (centred * scale).to(tokens.dtype)
 
