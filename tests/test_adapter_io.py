@@ -134,6 +134,13 @@ def target():
     return segmenter
 
 
+
+@pytest.fixture(scope="module")
+def shared_target():
+    """One :func:`target` for the property tests' many examples: each rejection leaves it exactly
+    as it was (``assert_rejected`` checks), so every example sees the same segmenter."""
+    return target()
+
 # ------------------------------------------------------------------ exact round trips
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_round_trip_is_bitwise_exact(tmp_path, name):
@@ -222,11 +229,11 @@ def test_truncation_at_key_points_is_rejected(files, tmp_path):
 
 @fast(60)
 @given(data=st.data())
-def test_any_truncation_is_rejected(files, data):
+def test_any_truncation_is_rejected(files, shared_target, data):
     """A file cut at any length in [0, size) is refused and the segmenter is left exactly as it was."""
     blob = (files / "default.safetensors").read_bytes()
     length = data.draw(st.integers(0, len(blob) - 1), label="length")
-    segmenter = target()
+    segmenter = shared_target
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "cut.safetensors"
         path.write_bytes(blob[:length])
@@ -241,13 +248,13 @@ def flipped(blob: bytes, bit: int) -> bytes:
 
 @fast(150)
 @given(data=st.data())
-def test_any_single_bit_flip_is_rejected(files, data):
+def test_any_single_bit_flip_is_rejected(files, shared_target, data):
     """Flipping any one bit anywhere in the file (length prefix, header JSON, padding or tensor
     bytes) is detected before a weight is copied; the error names the file."""
     path = files / "default.safetensors"
     blob = path.read_bytes()
     bit = data.draw(st.integers(0, len(blob) * 8 - 1), label="bit")
-    segmenter = target()
+    segmenter = shared_target
     with tempfile.TemporaryDirectory() as directory:
         bad = Path(directory) / "flipped.safetensors"
         bad.write_bytes(flipped(blob, bit))
@@ -257,7 +264,7 @@ def test_any_single_bit_flip_is_rejected(files, data):
 
 @fast(400)
 @given(data=st.data())
-def test_any_single_bit_flip_in_header_is_rejected(files, data):
+def test_any_single_bit_flip_in_header_is_rejected(files, shared_target, data):
     """Same property, concentrated on the 8-byte length prefix and the header JSON (where a parser
     could still accept a damaged file): every flipped bit is refused."""
     blob = (files / "default.safetensors").read_bytes()

@@ -26,7 +26,7 @@ from gopt_adapter.train.engine import Dist, Trainer
 
 def test_gopt_passes_the_rgb_only_bound_only_with_the_aligned_acp_query(tmp_path):
     base = DemoConfig()
-    config = replace(base, train_length=256, val_length=48, out=str(tmp_path),
+    config = replace(base, train_length=128, val_length=48, out=str(tmp_path),
                      foundation=replace(base.foundation, epochs=3, progress=False),
                      gopt=replace(base.gopt, epochs=8, progress=False))
     weights = tmp_path / "foundation.safetensors"
