@@ -2,7 +2,7 @@
 RGB-pretrained ViT-S/14 (``../shared/field``), on the CPU:
 
     python -m benchmarks.field --out runs/field --doc docs/results.md
-    python -m benchmarks.field --quick --out runs/field_quick     # CI: 40 frames, tiny scale, 1 seed
+    python -m benchmarks.field --quick --out runs/field_quick     # CI: 32 frames, tiny scale, 1 seed
 
 Every row trains with one recipe (:class:`FieldRecipe`: image scale, epochs, batch, schedule,
 augmentation), through the same path as ``gopt train``: a settings file, the real MFNet reader,
@@ -125,12 +125,12 @@ class FieldRecipe:
         }
 
 
-#: ``--quick``: 24 training and 16 validation frames (half day, half night) at 0.15 (72x96, 6x7
+#: ``--quick``: 24 training and 8 validation frames (half day, half night) at 0.15 (72x96, 6x7
 #: patches), 2 epochs (12 steps), one LR and one seed (CI). Class-weighted cross-entropy: at this
 #: size plain cross-entropy left LoRA and GoPT predicting "unlabeled" (93.5% of the pixels)
 #: everywhere even after 2 epochs on all 100 frames, and a smoke test must not hinge on that.
 QUICK = FieldRecipe(image_scale=0.15, crop_size=(72, 96), epochs=2, batch_size=4, warmup_steps=0, lr_grid=(1e-2,),
-                    loss="ce_weighted", seeds=(0,), frames=(24, 16))
+                    loss="ce_weighted", seeds=(0,), frames=(24, 8))
 
 
 def subset_root(root: str | Path, folder: Path, frames: tuple[int, int]) -> Path:
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=str(ROOT), help="the MFNet folder (default: ../shared/field/mfnet_subset)")
     parser.add_argument("--weights", default=str(WEIGHTS), help="the ViT-S/14 weights file")
     parser.add_argument("--quick", action="store_true",
-                        help="40 frames at a tiny scale, one seed, one LR: checks that every row trains (CI)")
+                        help="32 frames at a tiny scale, one seed, one LR: checks that every row trains (CI)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--variants", nargs="+", help=f"subset of the rows (default: {' '.join(ROWS)})")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")

@@ -82,7 +82,7 @@ def test_gopt_trains_on_two_real_frames_with_finite_gradients_and_a_falling_loss
 
 
 def test_the_field_benchmark_trains_every_row_to_finite_weights_that_predict_several_classes(tmp_path, capsys):
-    """``python -m benchmarks.field --quick``: every row of the real-frame table, on 40 frames at
+    """``python -m benchmarks.field --quick``: every row of the real-frame table, on 32 frames at
     0.15 of their size, through ``gopt train``'s own path; a row with non-finite steps or one
     predicted class would make it exit 1. Run again, it reuses every record."""
     from benchmarks import field

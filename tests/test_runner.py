@@ -210,7 +210,7 @@ def train_records(log: Path):
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(tmp_path):
-    args = [*SMALL, "--set", "train.epochs=3", "--set", "dataset_options.length=96"]
+    args = [*SMALL, "--set", "train.epochs=3", "--set", "dataset_options.length=64"]
     straight = cli(*args, "--out", str(tmp_path / "straight"))
     crashed_dir = tmp_path / "crashed"
     crashed = cli(*args, "--out", str(crashed_dir))
