@@ -8,7 +8,7 @@ on the built-in synthetic worlds, on the CPU:
 (docs/datasets.md); ``relative`` is the relative family's world, whose aux reads only relative
 to its scene, with larger scenes, a deeper backbone and a narrower GoPT of its own
 (:data:`SETUPS`). For each world and seed a small ViT is first pretrained on RGB alone
-by the demo's path (:func:`gopt_adapter.demo.train_foundation`) with that seed: it is the
+by the demo's path (:func:`gopt_adapter.cli.demo.train_foundation`) with that seed: it is the
 "pretrained foundation model" of that seed, shared by every row of the seed. Each variant
 then starts from it and trains with the same seed, so the spread over seeds covers the
 foundation's training as well as the adapter's (the world's scenes stay fixed); the table
@@ -40,10 +40,16 @@ import torch
 
 from gopt_adapter.baselines import VARIANTS, build_variant
 from gopt_adapter.calibration import calibrate_missing_mode
-from gopt_adapter.datasets import FAMILIES, world_family
-from gopt_adapter.demo import DemoConfig, build_foundation_backbone, class_miou, synthetic_datasets, train_foundation
-from gopt_adapter.engine import Dist, TrainConfig, Trainer
-from gopt_adapter.files import atomic_write_bytes
+from gopt_adapter.data import FAMILIES, world_family
+from gopt_adapter.cli.demo import (
+    DemoConfig,
+    build_foundation_backbone,
+    class_miou,
+    synthetic_datasets,
+    train_foundation,
+)
+from gopt_adapter.train.engine import Dist, TrainConfig, Trainer
+from gopt_adapter.atomic_files import atomic_write_bytes
 from gopt_adapter.parameters import count_parameters
 
 from .markdown import invocation, mean_std, write_section

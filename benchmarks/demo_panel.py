@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gopt_adapter.cli import main as gopt
-from gopt_adapter.datasets import get_dataset
-from gopt_adapter.demo import DemoConfig
+from gopt_adapter.cli.commands import main as gopt
+from gopt_adapter.data import get_dataset
+from gopt_adapter.cli.demo import DemoConfig
 
 
 def pick_scene(dataset, min_pixels: int) -> int:

@@ -2,11 +2,11 @@
 RGB-pretrained ViT-S/14 (``../shared/field``), on the CPU:
 
     python -m benchmarks.field --out runs/field --doc docs/results.md
-    python -m benchmarks.field --quick --out runs/field_quick     # CI: tiny scale, 1 seed, 1 epoch
+    python -m benchmarks.field --quick --out runs/field_quick     # CI: 32 frames, tiny scale, 1 seed
 
 Every row trains with one recipe (:class:`FieldRecipe`: image scale, epochs, batch, schedule,
 augmentation), through the same path as ``gopt train``: a settings file, the real MFNet reader,
-``gopt_adapter.recipe.run``. Only the learning rate differs between rows, and each row picks
+``gopt_adapter.train.run.run``. Only the learning rate differs between rows, and each row picks
 its own from the same grid, by validation mIoU of the first seed (the only split there is
 besides training: the frames that judge the results in the end are held out from us). The
 other seeds then train at that rate. With ``--write-configs`` the chosen settings are written
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from gopt_adapter.baselines import VARIANTS
-from gopt_adapter.files import atomic_write_bytes
-from gopt_adapter.losses import LOSSES
+from gopt_adapter.atomic_files import atomic_write_bytes
+from gopt_adapter.train.losses import LOSSES
 
 from .markdown import invocation, mean_std, write_section
 from .records import cached, fingerprint, write_json
@@ -89,6 +89,7 @@ class FieldRecipe:
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = ROWS
     workers: int = 2
+    frames: tuple[int, int] | None = None  # (train, val) frames of a smaller copy, half day, half night; None: all
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.variants) - set(VARIANTS))
@@ -98,6 +99,14 @@ class FieldRecipe:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not (self.seeds and self.lr_grid and self.workers >= 1):
             raise ValueError("need at least one seed, one learning rate and one worker")
+        if self.frames is not None and not all(isinstance(n, int) and n >= 2 and n % 2 == 0 for n in self.frames):
+            raise ValueError(f"frames must be two even counts >= 2 (train, val), got {self.frames}")
+
+    def identity(self, variant: str, lr: float) -> dict[str, Any]:
+        """What a record's fingerprint is made of: the row's settings, and the frames when a
+        smaller copy of the data is used."""
+        settings = self.settings(variant, lr)
+        return settings if self.frames is None else {**settings, "frames": list(self.frames)}
 
     def settings(self, variant: str, lr: float) -> dict[str, Any]:
         """The ``gopt train`` settings file of ``variant`` at ``lr`` (seed, data and weights come
@@ -116,13 +125,35 @@ class FieldRecipe:
         }
 
 
-#: ``--quick``: frames at 0.15 (72x96, 6x7 patches), 1 epoch (25 steps), one LR and one seed (CI).
-#: Class-weighted cross-entropy: at this size plain cross-entropy left LoRA and GoPT predicting
-#: "unlabeled" (93.5% of the pixels) everywhere even after 2 epochs, and a smoke test must not
-#: hinge on that; with the weights every row predicts several classes after one.
-QUICK = FieldRecipe(image_scale=0.15, crop_size=(72, 96), epochs=1, batch_size=4, warmup_steps=0, lr_grid=(1e-2,),
-                    loss="ce_weighted",
-                    seeds=(0,))
+#: ``--quick``: 24 training and 8 validation frames (half day, half night) at 0.15 (72x96, 6x7
+#: patches), 2 epochs (12 steps), one LR and one seed (CI). Class-weighted cross-entropy: at this
+#: size plain cross-entropy left LoRA and GoPT predicting "unlabeled" (93.5% of the pixels)
+#: everywhere even after 2 epochs on all 100 frames, and a smoke test must not hinge on that.
+QUICK = FieldRecipe(image_scale=0.15, crop_size=(72, 96), epochs=2, batch_size=4, warmup_steps=0, lr_grid=(1e-2,),
+                    loss="ce_weighted", seeds=(0,), frames=(24, 8))
+
+
+def subset_root(root: str | Path, folder: Path, frames: tuple[int, int]) -> Path:
+    """A copy of the MFNet folder at ``root`` made of links, in ``folder``: its ``images`` and
+    ``labels``, with ``train.txt`` / ``val.txt`` listing ``frames`` (train, val) stems, half
+    day and half night, spread evenly over each list."""
+    root = Path(root).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("images", "labels"):
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(root / name, target_is_directory=True)
+    for split, count in zip(("train", "val"), frames):
+        stems = (root / f"{split}.txt").read_text().split()
+        chosen = []
+        for time_of_day in ("D", "N"):
+            pool = [stem for stem in stems if stem.endswith(time_of_day)]
+            if len(pool) < count // 2:
+                raise ValueError(f"{root / f'{split}.txt'} lists {len(pool)} {time_of_day} frames, fewer than "
+                                 f"{count // 2}")
+            chosen += [pool[i * len(pool) // (count // 2)] for i in range(count // 2)]
+        (folder / f"{split}.txt").write_text("\n".join(chosen) + "\n")
+    return folder
 
 
 def record_path(out: Path, variant: str, lr: float, seed: int) -> Path:
@@ -130,26 +161,30 @@ def record_path(out: Path, variant: str, lr: float, seed: int) -> Path:
 
 
 # ------------------------------------------------------------------------ runs
-def run_one(settings: dict[str, Any], seed: int, root: str, weights: str, work: str, result: str) -> dict[str, Any]:
-    """Trains one row with one seed through ``gopt train``'s own path; writes its record."""
+def run_one(settings: dict[str, Any], seed: int, root: str, weights: str, work: str, result: str,
+            identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains one row with one seed through ``gopt train``'s own path; writes its record,
+    fingerprinted by ``identity`` (default: the settings)."""
     import torch
 
-    from gopt_adapter.recipe import load_run_config, parse_args, run
+    from gopt_adapter.cli.commands import build_train_parser
+    from gopt_adapter.train.run import run
+    from gopt_adapter.train.run_config import load_run_config
 
     torch.set_num_threads(1)
     work_dir = Path(work)
     work_dir.mkdir(parents=True, exist_ok=True)
     settings_file = work_dir / "settings.json"
     write_json(settings_file, settings)
-    args = parse_args(["--dataset", "mfnet", "--config", str(settings_file), "--variant", settings["variant"],
-                       "--root", root, "--weights", weights,
-                       "--out", str(work_dir), "--set", f"train.seed={seed}", "--no-progress"])
+    args = build_train_parser().parse_args([
+        "--dataset", "mfnet", "--config", str(settings_file), "--variant", settings["variant"], "--root", root,
+        "--weights", weights, "--out", str(work_dir), "--set", f"train.seed={seed}", "--no-progress"])
     start = time.perf_counter()
     results = run(load_run_config(args), device="cpu")
     metrics, names = results["metrics"], results["class_names"]
     record = {
         "variant": settings["variant"], "lr": settings["train"]["lr"], "seed": seed,
-        "fingerprint": fingerprint(settings, seed),
+        "fingerprint": fingerprint(settings if identity is None else identity, seed),
         "miou": metrics["miou"],
         "day": metrics["subsets"]["day"]["miou"], "night": metrics["subsets"]["night"]["miou"],
         "iou": {name: metrics["iou"][names.index(name)] for name in SHOWN_CLASSES},
@@ -173,6 +208,8 @@ def run_all(recipe: FieldRecipe, out: Path, root: str, weights: str) -> tuple[li
     """Every row's grid (first seed), then its other seeds at the chosen LR. Returns the
     records, the chosen LR per row, and how many records were reused."""
     first, others = recipe.seeds[0], recipe.seeds[1:]
+    if recipe.frames is not None:
+        root = str(subset_root(root, out / "data", recipe.frames))
     records: list[dict[str, Any]] = []
     grid: dict[str, list[dict[str, Any]]] = {v: [] for v in recipe.variants}
     chosen: dict[str, float] = {}
@@ -184,15 +221,16 @@ def run_all(recipe: FieldRecipe, out: Path, root: str, weights: str) -> tuple[li
 
         def submit(variant: str, lr: float, seed: int, in_grid: bool) -> None:
             nonlocal reused
-            settings = recipe.settings(variant, lr)
+            settings, identity = recipe.settings(variant, lr), recipe.identity(variant, lr)
             path = record_path(out, variant, lr, seed)
-            record = cached(path, settings, seed)
+            record = cached(path, identity, seed)
             if record is not None:
                 reused += 1
                 collect(record, in_grid)
                 return
             work = out / "work" / path.stem
-            pending[pool.submit(run_one, settings, seed, root, weights, str(work), str(path))] = (variant, in_grid)
+            pending[pool.submit(run_one, settings, seed, root, weights, str(work), str(path), identity)] = \
+                (variant, in_grid)
 
         def collect(record: dict[str, Any], in_grid: bool) -> None:
             records.append(record)
@@ -243,13 +281,16 @@ def report(recipe: FieldRecipe, records: list[dict[str, Any]], chosen: dict[str,
     grid = {v: {r["lr"]: r["miou"] for r in records if r["variant"] == v and r["seed"] == recipe.seeds[0]}
             for v in recipe.variants}
     height, width = recipe.crop_size
+    train_frames, val_frames = recipe.frames or (100, 100)
+    data = (f"{'the' if recipe.frames is None else 'a copy with'} {train_frames} `train` frames of "
+            f"`../shared/field/mfnet_subset` for training, {val_frames} `val` frames ({val_frames // 2} day, "
+            f"{val_frames // 2} night) for every figure")
     lines = [
         f"Wall time of the command: {wall_s / 60:.1f} min on {recipe.workers} worker(s) of one thread, 2 CPU cores"
         + (f" ({reused} runs found finished were not run again)." if reused else "."),
         "",
         f"Backbone: `{BACKBONE}` with the real RGB-pretrained weights of `../shared/field/weights`, frozen in "
-        f"every row. Data: the 100 `train` frames of `../shared/field/mfnet_subset` for training, its 100 `val` "
-        f"frames (50 day, 50 night) for every figure; 9 classes, \"unlabeled\" counted as in MFNet's own "
+        f"every row. Data: {data}; 9 classes, \"unlabeled\" counted as in MFNet's own "
         f"protocol. Every row: frames scaled by {recipe.image_scale:g} ({round(480 * recipe.image_scale)}x"
         f"{round(640 * recipe.image_scale)}), random rescale {recipe.scale_range[0]:g}-{recipe.scale_range[1]:g}, "
         f"random {height}x{width} crops, flips, "
@@ -297,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=str(ROOT), help="the MFNet folder (default: ../shared/field/mfnet_subset)")
     parser.add_argument("--weights", default=str(WEIGHTS), help="the ViT-S/14 weights file")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny scale, one seed, one epoch, one LR: checks that every row trains (CI)")
+                        help="32 frames at a tiny scale, one seed, one LR: checks that every row trains (CI)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--variants", nargs="+", help=f"subset of the rows (default: {' '.join(ROWS)})")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")

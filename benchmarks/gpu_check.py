@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from gopt_adapter.baselines import build_variant
-from gopt_adapter.files import atomic_write_bytes
+from gopt_adapter.atomic_files import atomic_write_bytes
 
 from .markdown import invocation, write_section
 from .perf import measure_swaps, median_time
@@ -223,16 +223,18 @@ class StallingDataset(torch.utils.data.Dataset):
 
 def e2e_worker(argv: list[str]) -> int:
     """``--e2e-worker READS -- RUN_ARGS``: ``benchmarks.run`` whose training set stalls after READS reads."""
+    from gopt_adapter.train import run as training_run
+
     from . import run as runner
 
     after, run_args = int(argv[0]), argv[argv.index("--") + 1:]
-    build_datasets = runner.build_datasets
+    build_datasets = training_run.build_datasets
 
     def stalling(config, defaults=None):
         train, val = build_datasets(config, defaults)
         return StallingDataset(train, after), val
 
-    runner.build_datasets = stalling
+    training_run.build_datasets = stalling
     return runner.main(run_args)
 
 
@@ -267,7 +269,7 @@ def end_to_end(out: Path, device: torch.device, backend: str, e2e: dict[str, int
     """Uninterrupted run and killed-then-resumed run side by side; their adapters compared."""
     from safetensors.torch import load_file
 
-    from .run import ADAPTER_NAME
+    from gopt_adapter.train.run import ADAPTER_NAME
 
     steps_per_epoch = e2e["length"] // e2e["batch"]
     kill_after = steps_per_epoch + 1  # one step into epoch 2: work after the checkpoint is lost

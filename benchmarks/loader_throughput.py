@@ -4,7 +4,7 @@ For each dataset a tiny copy of its layout is written to a temporary folder at t
 resolution and in the real formats (random pixel content, which decodes somewhat slower
 than natural images as JPEG/PNG compress it poorly), then every sample is read ``--repeats``
 times, without transforms and with the default training transforms
-(``gopt_adapter.transforms.build_transforms(name, train=True)``). The median over repeats is
+(``gopt_adapter.data.transforms.build_transforms(name, train=True)``). The median over repeats is
 reported as a Markdown table. By default torch runs single-threaded, as inside a
 ``DataLoader`` worker, so the numbers are per worker.
 
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gopt_adapter.datasets import SegDataset, get_dataset, tile_whu_opt_sar  # noqa: E402
-from gopt_adapter.transforms import build_transforms, default_train_config  # noqa: E402
+from gopt_adapter.data import SegDataset, get_dataset, tile_whu_opt_sar  # noqa: E402
+from gopt_adapter.data.transforms import build_transforms, default_train_config  # noqa: E402
 from tests.datasets_helpers import make_mfnet, make_nyudv2, make_pst900, make_whu_scenes  # noqa: E402
 
 # name -> (height, width) of a sample at the dataset's real resolution
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeats, args.samples, args.synthetic_length, args.threads) < 1:
         parser.error("--repeats, --samples, --synthetic-length and --threads must be >= 1")
     torch.set_num_threads(args.threads)
-    logging.getLogger("gopt_adapter.datasets").setLevel(logging.ERROR)  # tiny copies: split-size notices
+    logging.getLogger("gopt_adapter.data").setLevel(logging.ERROR)  # tiny copies: split-size notices
     rows = run(args.repeats, args.samples, args.quick, args.synthetic_length,
                lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"torch {torch.__version__}, {args.threads} thread(s), Python {platform.python_version()}, "

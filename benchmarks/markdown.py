@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gopt_adapter.files import atomic_write_bytes
+from gopt_adapter.atomic_files import atomic_write_bytes
 
 
 def mean_std(values: list[float | None]) -> str:

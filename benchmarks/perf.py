@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from gopt_adapter import count_parameters, load_adapter, save_adapter
 from gopt_adapter.baselines import TwoStreamSegmenter, build_variant
-from gopt_adapter.engine import trainable_state_dict
-from gopt_adapter.files import tensors_bytes
-from gopt_adapter.segmenter import PromptedSegmenter
+from gopt_adapter.train.engine import trainable_state_dict
+from gopt_adapter.atomic_files import tensors_bytes
+from gopt_adapter.segmenter import SegmenterBase
 
 from .markdown import invocation, write_section
 
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
         params = count_parameters(model)
         rows.append(Row(name, model, params.trainable, len(tensors_bytes(trainable_state_dict(model))), [], []))
     # the two-stream FFT has no single-stream pass to time as the frozen backbone
-    lower_bound = next((row.model for row in rows if isinstance(row.model, PromptedSegmenter)
+    lower_bound = next((row.model for row in rows if isinstance(row.model, SegmenterBase)
                         and not isinstance(row.model, TwoStreamSegmenter)), None)
     frozen_forward: list[float] = []
     optimizers = {row.name: torch.optim.AdamW([p for p in row.model.parameters() if p.requires_grad], lr=1e-6)

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gopt_adapter.engine import json_safe
-from gopt_adapter.files import atomic_write_bytes
+from gopt_adapter.train.engine import json_safe
+from gopt_adapter.atomic_files import atomic_write_bytes
 from gopt_adapter.version import __version__
 
 

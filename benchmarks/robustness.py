@@ -4,7 +4,7 @@
 
 Each (world, variant, seed) run trains exactly as in ``benchmarks.ablation`` (same
 foundation pretraining, data, schedule and seeds), then evaluates the trained model on the
-validation scenes under every condition of :data:`gopt_adapter.aux_faults.ROBUSTNESS_FAULTS`:
+validation scenes under every condition of :data:`gopt_adapter.data.aux_faults.ROBUSTNESS_FAULTS`:
 clean aux, no aux (the aux-missing mode, which only an adapter trained with ``aux_dropout``
 has), zeros, a flat frame, noise, holes and misregistration. The Foundation row sees RGB
 alone: it is what a model without the second sensor gets, the line no condition should push
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gopt_adapter.aux_faults import ROBUSTNESS_FAULTS, FaultyAux, WithoutAux
+from gopt_adapter.data.aux_faults import ROBUSTNESS_FAULTS, FaultyAux, WithoutAux
 from gopt_adapter.baselines import AUX_DROPOUT
-from gopt_adapter.engine import evaluate
+from gopt_adapter.train.engine import evaluate
 
 from .ablation import AblationConfig, build_parser, finish_run, miou_record, run_benchmark, setup, train_run
 from .markdown import mean_std
@@ -59,7 +59,7 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
     lines = [
         setup(config, records, wall_s, reused),
         "",
-        "Aux conditions at inference, on the normalised aux image (`gopt_adapter.aux_faults.AuxFault`): "
+        "Aux conditions at inference, on the normalised aux image (`gopt_adapter.data.aux_faults.AuxFault`): "
         "*missing* runs `segmenter(rgb, aux=None)` (\"-\": the model has no aux-missing mode); *zeros* sets "
         "every value to 0; *mean* to the image mean; *noise s* adds Gaussian noise of standard deviation s; "
         "*holes p* sets 4x4-pixel squares, each with probability p, to the image minimum; *shift k px* moves "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gopt_adapter.datasets import MFNET_CLASSES, NYUDV2_CLASSES, PST900_CLASSES, SUNRGBD_CLASSES, WHU_OPT_SAR_CLASSES
+from gopt_adapter.data import MFNET_CLASSES, NYUDV2_CLASSES, PST900_CLASSES, SUNRGBD_CLASSES, WHU_OPT_SAR_CLASSES
 
 METRIC_KEYS = {"PAcc": "pixel_acc", "mAcc": "mean_acc", "mIoU": "miou", "OA": "oa", "AA": "aa", "Kappa": "kappa"}
 #: Backbones the paper's numbers were measured with (MAE ViT-B/16, no constructor overrides).

@@ -7,17 +7,18 @@ Two lines from a pretrained timm ViT to an RGB-X segmenter::
 """
 
 from .adapter import GoptAdapter
-from .adapter_io import AdapterError, read_adapter_file
+from .errors import AdapterError
+from .adapter_file import read_adapter_file
 from .backbone import BackboneSpec
 from .calibration import CalibrationReport, calibrate_missing_mode
 from .config import GoptConfig
 from .contract import SegmentationAdapter
 from .export import export_onnx
-from .model import GoptSegmenter, apply_gopt, load_adapter, remove_gopt, save_adapter
+from .gopt_segmenter import GoptSegmenter, apply_gopt, load_adapter, remove_gopt, save_adapter
 from .parameters import ParameterCount, count_parameters
 from .preprocessing import Preprocessing
-from .restore import restore_segmenter
-from .segmenter import PromptedSegmenter
+from .gopt_segmenter import restore_segmenter
+from .segmenter import PromptedSegmenter, SegmenterBase
 from .version import __version__
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Preprocessing",
     "PromptedSegmenter",
     "SegmentationAdapter",
+    "SegmenterBase",
     "apply_gopt",
     "calibrate_missing_mode",
     "count_parameters",
@@ -40,4 +42,5 @@ __all__ = [
     "remove_gopt",
     "restore_segmenter",
     "save_adapter",
+    "__version__",
 ]

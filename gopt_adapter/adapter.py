@@ -128,6 +128,14 @@ class GoptAdapter(nn.Module, SegmentationAdapter):
         """
         return self.missing_embed(rgb) + self.missing_aux  # [B, S, r]
 
+    def offset_missing_logits(self, logits: torch.Tensor, missing: torch.Tensor | None) -> torch.Tensor:
+        """``logits [B, K, h, w]`` with ``missing_logit_bias`` added to the samples flagged in
+        ``missing`` (bool ``[B]``; ``None``: no sample was flagged, nothing changes)."""
+        if missing is None or self.missing_logit_bias is None:
+            return logits
+        bias = self.missing_logit_bias.to(logits.dtype).view(1, -1, 1, 1)  # [1, K, 1, 1]
+        return logits + torch.where(missing.to(logits.device).view(-1, 1, 1, 1), bias, 0)  # [B, K, h, w]
+
     def prompts_at(self, block_index: int) -> bool:
         """Whether a prompter sits before block ``block_index``."""
         return block_index in self._slot

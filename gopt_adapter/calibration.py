@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import IGNORE_INDEX
-from .segmenter import PromptedSegmenter
+from .labels import IGNORE_INDEX
+from .segmenter import SegmenterBase
 
 __all__ = ["CalibrationReport", "calibrate_missing_mode", "fit_class_offsets"]
 
@@ -90,7 +90,7 @@ class CalibrationReport:
 
 
 @torch.no_grad()
-def calibrate_missing_mode(segmenter: PromptedSegmenter, dataset, max_samples: int = 1000,
+def calibrate_missing_mode(segmenter: SegmenterBase, dataset, max_samples: int = 1000,
                            max_pixels: int = 1 << 20, seed: int = 0, ignore_index: int = IGNORE_INDEX) -> CalibrationReport:
     """Fits the active adapter's ``missing_logit_bias`` on ``dataset`` (its training data) and
     stores it in the adapter; returns a :class:`CalibrationReport`.
@@ -132,7 +132,7 @@ def calibrate_missing_mode(segmenter: PromptedSegmenter, dataset, max_samples: i
     return CalibrationReport(bias, labels.numel(), target, shares(logits), shares(logits + bias))
 
 
-def _missing_mode_pixels(segmenter: PromptedSegmenter, dataset, indices: list[int], per_sample: int,
+def _missing_mode_pixels(segmenter: SegmenterBase, dataset, indices: list[int], per_sample: int,
                          generator: torch.Generator, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits without aux ``[N, K]`` (on the CPU) and labels ``[N]`` of up to ``per_sample``
     labelled pixels of each sample in ``indices``."""

@@ -1,6 +1,6 @@
 """The adapter contract: what a segmenter and its prompted blocks call on an adapter.
 
-A segmenter (:class:`~gopt_adapter.segmenter.PromptedSegmenter`) runs one frozen timm ViT
+A segmenter (:class:`~gopt_adapter.segmenter.SegmenterBase`) runs one frozen timm ViT
 with the prompts of an adapter. Per forward it calls, in this order:
 
 1. ``state = adapter.initial_state(aux)`` once (``aux [B, C_aux, H, W]``);

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import torch
 
-from .files import atomic_write_bytes
-from .segmenter import PromptedSegmenter
+from .atomic_files import atomic_write_bytes
+from .segmenter import SegmenterBase
 
 INPUT_NAMES = ("rgb", "aux")
 OUTPUT_NAME = "logits"
@@ -45,7 +45,7 @@ def _check_size(image_size: tuple[int, int]) -> tuple[int, int]:
 
 
 @contextmanager
-def _eval_mode(segmenter: PromptedSegmenter) -> Iterator[None]:
+def _eval_mode(segmenter: SegmenterBase) -> Iterator[None]:
     training = segmenter.training
     segmenter.eval()
     try:
@@ -54,7 +54,7 @@ def _eval_mode(segmenter: PromptedSegmenter) -> Iterator[None]:
         segmenter.train(training)
 
 
-def example_inputs(segmenter: PromptedSegmenter, image_size: tuple[int, int], batch: int = TRACE_BATCH,
+def example_inputs(segmenter: SegmenterBase, image_size: tuple[int, int], batch: int = TRACE_BATCH,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``rgb [batch, 3, H, W]`` and ``aux [batch, C_aux, H, W]`` on the segmenter's device and dtype."""
     parameter = next(segmenter.parameters())
@@ -65,7 +65,7 @@ def example_inputs(segmenter: PromptedSegmenter, image_size: tuple[int, int], ba
     return rgb.to(parameter.device, parameter.dtype), aux.to(parameter.device, parameter.dtype)
 
 
-def export_onnx(segmenter: PromptedSegmenter, path: str | os.PathLike, image_size: tuple[int, int],
+def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: tuple[int, int],
                 dynamic_size: bool = False, opset: int | None = None) -> Path:
     """Writes the active adapter's segmenter, in eval mode, as an ONNX model at ``path``.
 
@@ -75,7 +75,7 @@ def export_onnx(segmenter: PromptedSegmenter, path: str | os.PathLike, image_siz
     opset (default: the exporter's). The file is written atomically; the segmenter's mode is
     restored afterwards. Check the result with :func:`onnx_max_difference`.
     """
-    if not isinstance(segmenter, PromptedSegmenter):
+    if not isinstance(segmenter, SegmenterBase):
         raise TypeError(f"export_onnx needs a segmenter (apply_gopt or a baseline), got {type(segmenter).__name__}")
     size = _check_size(image_size)
     spec = segmenter.spec
@@ -104,7 +104,7 @@ def export_onnx(segmenter: PromptedSegmenter, path: str | os.PathLike, image_siz
     return path
 
 
-def onnx_max_difference(path: str | os.PathLike, segmenter: PromptedSegmenter, rgb: torch.Tensor,
+def onnx_max_difference(path: str | os.PathLike, segmenter: SegmenterBase, rgb: torch.Tensor,
                         aux: torch.Tensor) -> float:
     """Largest ``|onnxruntime - PyTorch|`` over the logits of one input, CPU provider, eval mode."""
     require_module("onnxruntime")

@@ -1,7 +1,7 @@
 """Class scores of one prepared input: whole, by sliding window, or over test-time augmentations.
 
-One implementation of each, shared by :func:`gopt_adapter.engine.evaluate` (``gopt eval``,
-training's evaluations) and :func:`gopt_adapter.predict.predict_labels` (``gopt predict``).
+One implementation of each, shared by :func:`gopt_adapter.train.engine.evaluate` (``gopt eval``,
+training's evaluations) and :func:`gopt_adapter.cli.predict.predict_labels` (``gopt predict``).
 The input is what the model takes (normalised, already resized by ``image_scale``); the scores
 come back at the size the caller asks for (the label's, or the image file's).
 
@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .transforms import check_image_scale, resize_image, resize_logits, scaled_size
+from .preprocessing import check_image_scale
+from .resize import resize_image, resize_logits, scaled_size
 
 __all__ = [
     "TTAConfig",

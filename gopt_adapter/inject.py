@@ -34,7 +34,7 @@ class PromptContext:
     """Per-forward state shared by the wrapped blocks of one segmenter (not a module).
 
     A plain forward has one route over the whole batch; a mixed-task batch
-    (:meth:`~gopt_adapter.model.GoptSegmenter.forward_mixed`) one route per adapter, over its own samples.
+    (:meth:`~gopt_adapter.gopt_segmenter.GoptSegmenter.forward_mixed`) one route per adapter, over its own samples.
     """
 
     def __init__(self) -> None:

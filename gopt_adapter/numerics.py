@@ -12,11 +12,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .errors import NonFiniteTensorError
+
 SHOWN_NAMES = 5  # tensor names quoted in a one-line message
-
-
-class NonFiniteTensorError(ValueError):
-    """Tensors holding NaN or inf values, refused before anything was written."""
 
 
 def finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:

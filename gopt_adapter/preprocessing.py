@@ -1,4 +1,4 @@
-"""How raw image files become the tensors an adapter was trained on, stored with the adapter.
+"""Input scaling, in one place: how raw image files become the tensors an adapter was trained on.
 
 A model trained on NYUDv2 saw millimetre depth divided by 10000 and normalised with ImageNet
 statistics; running it on a depth PNG divided by 65535 silently gives poor predictions. A
@@ -6,7 +6,7 @@ statistics; running it on a depth PNG divided by 65535 silently gives poor predi
 
 1. the auxiliary image to [0, 1]: ``"fixed"`` divides by ``aux_max`` (``None``: the file
    dtype's maximum, 255 or 65535) and clips, ``"per_image"`` min-max scales each image;
-2. per-modality mean/std (a :class:`~gopt_adapter.transforms.NormalizeConfig`);
+2. per-modality mean/std (a :class:`~gopt_adapter.preprocessing.NormalizeConfig`);
 3. the fixed resize factor of the inputs (``transforms.image_scale``; predictions are resized
    back to the input's full size).
 
@@ -17,12 +17,163 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args
 
-from .scaling import AUX_NORMALIZATIONS
-from .transforms import Normalize, NormalizeConfig, ScaleImage, check_image_scale
+import numpy as np
+import torch
 
-__all__ = ["Preprocessing", "check_aux_channels", "dataset_preprocessing"]
+from .resize import Sample, resize_image, resize_sample, scaled_size
+
+__all__ = [
+    "AUX_NORMALIZATIONS",
+    "AuxNormalization",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Normalize",
+    "NormalizeConfig",
+    "Preprocessing",
+    "ScaleImage",
+    "check_aux_channels",
+    "check_image_scale",
+    "dataset_preprocessing",
+    "dtype_max",
+    "scale_to_unit",
+]
+
+# ------------------------------------------------------------------ raw values to [0, 1]
+#: How an auxiliary modality (depth, thermal, SAR) is mapped to [0, 1]:
+#: ``"fixed"`` divides by a fixed maximum (the dtype's maximum unless the reader states
+#: another, e.g. 10 m for millimetre depth) and clips to [0, 1], so values stay comparable
+#: across images; ``"per_image"`` min-max scales each image to [0, 1] (a constant image
+#: becomes all zeros).
+AuxNormalization = Literal["fixed", "per_image"]
+#: The values of :data:`AuxNormalization`, for validating options (``check_choice``).
+AUX_NORMALIZATIONS: tuple[str, ...] = get_args(AuxNormalization)
+
+
+def dtype_max(arr: np.ndarray, path: Path) -> float:
+    """The maximum of an integer dtype (255 for uint8, 65535 for uint16, ...)."""
+    if arr.dtype.kind not in "ui":
+        raise ValueError(
+            f"{path}: 'fixed' normalisation by dtype needs an integer image, found "
+            f"{arr.dtype.name}; use 'per_image' normalisation for float data"
+        )
+    return float(np.iinfo(arr.dtype).max)
+
+
+def scale_to_unit(
+    arr: np.ndarray, mode: AuxNormalization, max_value: float | None, path: Path
+) -> np.ndarray:
+    """Map an image to float32 in [0, 1] following ``mode`` (see :data:`AuxNormalization`).
+
+    ``max_value`` is the divisor for ``"fixed"``; ``None`` means the dtype's maximum.
+    """
+    if mode == "fixed":
+        divisor = dtype_max(arr, path) if max_value is None else float(max_value)
+        out = arr.astype(np.float32) / np.float32(divisor)
+        return np.clip(out, 0.0, 1.0, out=out)
+    if mode == "per_image":
+        out = arr.astype(np.float32)
+        finite = np.isfinite(out)
+        if not finite.all():
+            out[~finite] = 0.0
+        lo, hi = float(out.min()), float(out.max())
+        if hi <= lo:
+            return np.zeros_like(out)
+        return (out - np.float32(lo)) / np.float32(hi - lo)
+    raise ValueError(f"unknown normalisation {mode!r}; choose one of {AUX_NORMALIZATIONS}")
+
+
+# ------------------------------------------------------------------ mean/std and the fixed resize
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """Per-modality mean/std applied to images in [0, 1].
+
+    ``aux_mean``/``aux_std`` hold one value (broadcast to every aux channel) or one per
+    channel. The aux default (0.5, 0.5) maps [0, 1] to [-1, 1].
+    """
+
+    rgb_mean: tuple[float, ...] = IMAGENET_MEAN
+    rgb_std: tuple[float, ...] = IMAGENET_STD
+    aux_mean: tuple[float, ...] = (0.5,)
+    aux_std: tuple[float, ...] = (0.5,)
+
+    def __post_init__(self) -> None:
+        for name in ("rgb_mean", "rgb_std", "aux_mean", "aux_std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            object.__setattr__(self, name, value)
+            if not value:
+                raise ValueError(f"{name} must not be empty")
+        if len(self.rgb_mean) != 3 or len(self.rgb_std) != 3:
+            raise ValueError(f"rgb_mean and rgb_std need 3 values, got {self.rgb_mean}, {self.rgb_std}")
+        if min(self.rgb_std + self.aux_std) <= 0:
+            raise ValueError(f"rgb_std and aux_std must be > 0, got {self.rgb_std}, {self.aux_std}")
+
+
+def check_image_scale(factor: Any, name: str = "image_scale") -> None:
+    """Raises ``ValueError`` unless ``factor`` is a finite number > 0 (``image_scale``, or the
+    resize factor ``name``)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"{name} must be a finite number > 0 (0.5 = half size), got {factor!r}")
+
+
+class Normalize:
+    """``(x - mean) / std`` per channel for rgb and aux (aux stats broadcast if length 1)."""
+
+    def __init__(self, config: NormalizeConfig = NormalizeConfig()) -> None:
+        self.config = config
+        self._rgb_mean = torch.tensor(config.rgb_mean).view(-1, 1, 1)
+        self._rgb_std = torch.tensor(config.rgb_std).view(-1, 1, 1)
+        self._aux_mean = torch.tensor(config.aux_mean).view(-1, 1, 1)
+        self._aux_std = torch.tensor(config.aux_std).view(-1, 1, 1)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        aux = sample["aux"]
+        if self._aux_mean.shape[0] not in (1, aux.shape[0]) or self._aux_std.shape[0] not in (1, aux.shape[0]):
+            raise ValueError(
+                f"aux has {aux.shape[0]} channels but aux_mean/aux_std have "
+                f"{self._aux_mean.shape[0]}/{self._aux_std.shape[0]} values"
+            )
+        out = dict(sample)
+        rgb = sample["rgb"]
+        out["rgb"] = (rgb - self._rgb_mean.to(rgb)) / self._rgb_std.to(rgb)
+        out["aux"] = (aux - self._aux_mean.to(aux)) / self._aux_std.to(aux)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Normalize({self.config})"
+
+
+class ScaleImage:
+    """Resize by the fixed ``factor`` of ``image_scale``: rgb/aux bilinear (antialiased when
+    shrinking), the label nearest, or left at full resolution with ``label=False`` (evaluation:
+    the logits are resized to it, so metrics stay at full resolution). Draws nothing."""
+
+    def __init__(self, factor: float, label: bool = True) -> None:
+        check_image_scale(factor)
+        self.factor = float(factor)
+        self.label = label
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        size = scaled_size(sample["rgb"].shape[-2:], self.factor)
+        antialias = self.factor < 1
+        if self.label:
+            return resize_sample(sample, size, antialias)
+        out = dict(sample)
+        for key in ("rgb", "aux"):
+            out[key] = resize_image(sample[key], size, antialias)  # [C, h', w']; label stays [H, W]
+        return out
+
+    def __repr__(self) -> str:
+        return f"ScaleImage({self.factor:g}, label={self.label})"
+
+
+# ------------------------------------------------------------------ the record an adapter keeps
 
 
 #: Identity normalisation: what a model trained without a ``Normalize`` transform saw.
@@ -154,7 +305,7 @@ def dataset_preprocessing(dataset: Any, normalize: NormalizeConfig | None = None
     the folder reader; HHA and the synthetic world: fixed by the
     dtype maximum). The mean/std is ``normalize`` or else that of the one ``Normalize`` step
     in ``dataset.transform`` (no transform: identity), the image scale that of its
-    :class:`~gopt_adapter.transforms.ScaleImage` step (none: 1), so what is recorded is what
+    :class:`~gopt_adapter.preprocessing.ScaleImage` step (none: 1), so what is recorded is what
     the transform applies. RGB scaling is not recorded: ``gopt predict`` divides RGB by its
     dtype maximum, as the readers do by default. Raises ``ValueError`` when it cannot tell.
     """

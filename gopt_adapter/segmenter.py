@@ -1,13 +1,14 @@
 """What every segmenter of this library shares: a timm ViT whose blocks run one adapter's prompts.
 
-:class:`PromptedSegmenter` holds the backbone (the user's timm model with its blocks wrapped,
+:class:`SegmenterBase` holds the backbone (the user's timm model with its blocks wrapped,
 :mod:`gopt_adapter.inject`) and the adapter in use (the contract of
-:mod:`gopt_adapter.contract`). It owns the forward (input checks, the prompted blocks, the
-final features, the adapter's head and the bilinear upsampling), train/eval, the freezing of
-the backbone and what :func:`remove_gopt` restores. GoPT's segmenter
-(:class:`~gopt_adapter.model.GoptSegmenter`) adds several adapters, mixed batches and adapter
-files; the baselines' (:class:`~gopt_adapter.baselines.BaselineSegmenter`) a backbone that may
-train.
+:mod:`gopt_adapter.contract`). It owns the forward around the features (the adapter's head and
+the bilinear upsampling), the input checks, train/eval, the freezing of the backbone and what
+:func:`remove_gopt` gives back; each kind of segmenter computes its own ``features``.
+:class:`PromptedSegmenter` is the kind every variant but the two-stream FFT is: one RGB pass
+through the prompted blocks. GoPT's segmenter (:class:`~gopt_adapter.GoptSegmenter`) adds
+several adapters, mixed batches, the aux-missing mode and adapter files; the baselines'
+(:mod:`gopt_adapter.baselines`) a backbone that may train.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .inject import PromptContext, Route, is_wrapped, unwrap_blocks, wrap_blocks
 DEFAULT_ADAPTER = "default"
 
 
-class PromptedSegmenter(nn.Module):
+class SegmenterBase(nn.Module):
     """RGB-X segmenter: ``segmenter(rgb, aux) -> logits [B, num_classes, H, W]``.
 
     The backbone (``self.backbone``) is frozen and stays in eval mode; the adapter in use,
@@ -59,68 +60,23 @@ class PromptedSegmenter(nn.Module):
                 aux_missing: torch.Tensor | None = None) -> torch.Tensor:
         """``rgb [B, 3, H, W]`` and ``aux [B, C_aux, H, W]`` -> logits ``[B, K, H, W]``.
 
-        Without an aux image (``aux=None``), or for the samples flagged in ``aux_missing``
-        (bool ``[B]``; their aux values are not read), the adapter runs in its aux-missing
-        mode. Only adapters trained with ``aux_dropout > 0`` have one.
+        ``aux=None`` and ``aux_missing`` (bool ``[B]``) ask for an aux-missing mode, which only
+        segmenters that have one accept (GoPT's, with an adapter trained with ``aux_dropout > 0``).
         """
         features = self.features(rgb, aux, aux_missing)  # [B, D, h, w]
-        logits = self.adapter.head(features)  # [B, K, h, w]
-        bias = getattr(self.adapter, "missing_logit_bias", None)
-        if bias is not None and (aux is None or aux_missing is not None):  # samples flagged as without aux
-            missing = torch.ones(rgb.shape[0], dtype=torch.bool, device=logits.device) if aux is None else aux_missing
-            logits = logits + torch.where(missing.to(logits.device).view(-1, 1, 1, 1),
-                                          bias.to(logits.dtype).view(1, -1, 1, 1), 0)  # [B, K, h, w]
-        return self.upsample(logits, rgb.shape[-2:])
+        return self.upsample(self.adapter.head(features), rgb.shape[-2:])  # [B, K, H, W]
 
     def features(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
                  aux_missing: torch.Tensor | None = None) -> torch.Tensor:
-        """Last block's patch tokens after the backbone's final norm, ``[B, D, h, w]``."""
-        aux, aux_missing = self._missing_aux_inputs(rgb, aux, aux_missing)
+        """The features the head reads, ``[B, D, h, w]``: each kind of segmenter computes its own."""
+        raise NotImplementedError(f"{type(self).__name__} does not define features()")
+
+    def _require_aux(self, rgb: torch.Tensor, aux: torch.Tensor | None, aux_missing: torch.Tensor | None) -> None:
+        """Checks the inputs of a segmenter without an aux-missing mode: every sample has its aux."""
+        if aux is None or aux_missing is not None:
+            raise ValueError(f"{type(self).__name__} has no aux-missing mode: give every sample an aux image "
+                             "(GoPT adapters trained with aux_dropout > 0 have one)")
         self._check_inputs(rgb, aux)
-        adapter = self.adapter
-        if getattr(adapter, "missing_aux", None) is None:
-            state = adapter.initial_state(aux)
-        else:  # training may drop any sample's aux: its stand-in tokens are made from its rgb
-            state = adapter.initial_state(aux, aux_missing, rgb)
-        return self._prompted_features(rgb, [Route(adapter, None, state)])
-
-    def _prompted_features(self, rgb: torch.Tensor, routes: list[Route]) -> torch.Tensor:
-        """The backbone's features ``[B, D, h, w]`` with each route's prompters on its samples."""
-        if getattr(self.backbone, "grad_checkpointing", False):
-            raise RuntimeError("timm's grad checkpointing replays the prompters; use segmenter.set_grad_checkpointing()")
-        with self._context.active(routes):
-            return self.backbone_features(rgb)
-
-    def _missing_aux_inputs(self, rgb: torch.Tensor, aux: torch.Tensor | None,
-                            aux_missing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(aux, missing)`` for the adapter: ``aux=None`` becomes a zero image, all missing."""
-        if aux is None and aux_missing is None:
-            if rgb.ndim != 4:
-                raise ValueError(f"expected rgb [B, {self.spec.in_chans}, H, W], got {tuple(rgb.shape)}")
-            aux = rgb.new_zeros(rgb.shape[0], self.config.aux_channels, *rgb.shape[2:])
-            aux_missing = torch.ones(rgb.shape[0], dtype=torch.bool, device=rgb.device)
-        elif aux is None:
-            raise ValueError("aux_missing needs an aux tensor (use aux=None when every sample lacks aux)")
-        if aux_missing is None:
-            return aux, None
-        if getattr(self.adapter, "missing_aux", None) is None:
-            raise ValueError(
-                f"adapter {self.active_adapter!r} has no aux-missing mode (it was trained with aux_dropout=0, "
-                "the default and the only setting of older adapter files, or it is a baseline): give every "
-                "sample an aux image, or train an adapter with GoptConfig(aux_dropout > 0)"
-            )
-        if not isinstance(aux_missing, torch.Tensor) or aux_missing.dtype != torch.bool \
-                or tuple(aux_missing.shape) != (aux.shape[0],):
-            got = f"{aux_missing.dtype} {tuple(aux_missing.shape)}" if isinstance(aux_missing, torch.Tensor) \
-                else type(aux_missing).__name__
-            raise ValueError(f"aux_missing must be a bool tensor [B] = [{aux.shape[0]}], got {got}")
-        return aux, aux_missing.to(aux.device)
-
-    def backbone_features(self, rgb: torch.Tensor) -> torch.Tensor:
-        """What the backbone computes with no prompter: the frozen RGB model's features."""
-        return self.backbone.forward_intermediates(
-            rgb, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
-        )[-1]
 
     def upsample(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bilinear upsampling of patch logits to the input size (padding cropped off)."""
@@ -148,7 +104,7 @@ class PromptedSegmenter(nn.Module):
 
 
     # ------------------------------------------------------------ train/eval
-    def train(self, mode: bool = True) -> "PromptedSegmenter":
+    def train(self, mode: bool = True) -> "SegmenterBase":
         """Adapters follow ``mode``; the frozen backbone stays in eval mode (subclasses may let it follow)."""
         super().train(mode)
         if "backbone" in self._modules:
@@ -190,12 +146,48 @@ class PromptedSegmenter(nn.Module):
             adapter.requires_grad_(key == name)
         self._active = name
 
-    def _restore_backbone(self, model: nn.Module) -> None:
-        """Undoes what this segmenter changed in ``model`` besides wrapping its blocks (none here;
-        a baseline that replaces modules of the backbone puts them back)."""
+    def release_backbone(self) -> nn.Module:
+        """Unwraps the blocks, restores the flags and modes recorded at wrapping and hands the
+        model back (:func:`remove_gopt`); a segmenter that changed more of the model undoes that
+        first, in its override."""
+        model = self.backbone
+        unwrap_blocks(model)
+        original = self._original
+        for name, param in model.named_parameters():
+            param.requires_grad_(original["requires_grad"][name])
+        if original["grad_checkpointing"] is not None:
+            model.grad_checkpointing = original["grad_checkpointing"]
+        for name, module in model.named_modules():
+            module.training = original["training"][name]
+        del self._modules["backbone"]
+        return model
 
     def extra_repr(self) -> str:
         return f"active_adapter={self._active!r}"
+
+
+class PromptedSegmenter(SegmenterBase):
+    """A segmenter whose features are one RGB pass through the prompted blocks (GoPT, VPT, LoRA,
+    the probe): the adapter's prompts act on the tokens entering each block."""
+
+    def features(self, rgb: torch.Tensor, aux: torch.Tensor | None = None,
+                 aux_missing: torch.Tensor | None = None) -> torch.Tensor:
+        """Last block's patch tokens after the backbone's final norm, ``[B, D, h, w]``."""
+        self._require_aux(rgb, aux, aux_missing)
+        return self._prompted_features(rgb, [Route(self.adapter, None, self.adapter.initial_state(aux))])
+
+    def _prompted_features(self, rgb: torch.Tensor, routes: list[Route]) -> torch.Tensor:
+        """The backbone's features ``[B, D, h, w]`` with each route's prompters on its samples."""
+        if getattr(self.backbone, "grad_checkpointing", False):
+            raise RuntimeError("timm's grad checkpointing replays the prompters; use segmenter.set_grad_checkpointing()")
+        with self._context.active(routes):
+            return self.backbone_features(rgb)
+
+    def backbone_features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """What the backbone computes with no prompter: the frozen RGB model's features."""
+        return self.backbone.forward_intermediates(
+            rgb, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )[-1]
 
 
 def check_adapter_name(name: str) -> None:
@@ -214,29 +206,18 @@ def check_unwrapped(model: nn.Module, caller: str = "apply_gopt") -> None:
         raise ValueError(f"this model already has GoPT applied; {advice}")
 
 
-def remove_gopt(segmenter: PromptedSegmenter) -> nn.Module:
+def remove_gopt(segmenter: SegmenterBase) -> nn.Module:
     """Gives back the original timm model: module tree, keys, ``requires_grad`` flags and the
     train/eval mode of every submodule as they were when GoPT was applied.
 
     Works on every segmenter of this library (GoPT's and the baselines'); the segmenter is
     unusable afterwards.
     """
-    if not isinstance(segmenter, PromptedSegmenter):
+    if not isinstance(segmenter, SegmenterBase):
         raise TypeError(f"remove_gopt needs a segmenter (apply_gopt or a baseline), got {type(segmenter).__name__}")
     if "backbone" not in segmenter._modules:
         raise ValueError("GoPT was already removed from this segmenter")
-    model = segmenter.backbone
-    segmenter._restore_backbone(model)
-    unwrap_blocks(model)
-    original = segmenter._original
-    for name, param in model.named_parameters():
-        param.requires_grad_(original["requires_grad"][name])
-    if original["grad_checkpointing"] is not None:
-        model.grad_checkpointing = original["grad_checkpointing"]
-    for name, module in model.named_modules():
-        module.training = original["training"][name]
-    del segmenter._modules["backbone"]
-    return model
+    return segmenter.release_backbone()
 
-
-__all__ = ["DEFAULT_ADAPTER", "PromptedSegmenter", "check_adapter_name", "check_unwrapped", "remove_gopt"]
+__all__ = ["DEFAULT_ADAPTER", "PromptedSegmenter", "SegmenterBase", "check_adapter_name", "check_unwrapped",
+           "remove_gopt"]

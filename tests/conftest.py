@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -24,6 +25,10 @@ FAMILIES: dict[str, tuple[str, dict, tuple[int, int]]] = {
     "samvit": ("samvit_base_patch16", dict(img_size=64, global_attn_indexes=(1,), window_size=2), (64, 64)),
 }
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: one process per core, one thread each
+    torch.set_num_threads(1)
 
 
 def make_backbone(family: str = "vit", depth: int = 2, seed: int = 0) -> torch.nn.Module:

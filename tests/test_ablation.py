@@ -11,8 +11,8 @@ import torch
 
 from benchmarks import ablation, suite
 from gopt_adapter.baselines import build_variant
-from gopt_adapter.datasets import SyntheticRGBX
-from gopt_adapter.demo import DemoConfig
+from gopt_adapter.data import SyntheticRGBX
+from gopt_adapter.cli.demo import DemoConfig
 from gopt_adapter.parameters import count_parameters
 
 TINY = ["--worlds", "depth", "--seeds", "0", "--variants", "gopt", "vpt_shallow", "gopt_soft", "fft", "fft_early",

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-import gopt_adapter.adapter_io as adapter_io
+import gopt_adapter.adapter_file as adapter_io
 from conftest import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
 from gopt_adapter import (
     AdapterError,
@@ -36,7 +36,7 @@ from gopt_adapter import (
     read_adapter_file,
     save_adapter,
 )
-from gopt_adapter.transforms import NormalizeConfig
+from gopt_adapter.preprocessing import NormalizeConfig
 
 # Two configs that differ in every structural choice: aux channels, classes, interval,
 # assignment, ACP, head type.
@@ -134,6 +134,13 @@ def target():
     return segmenter
 
 
+
+@pytest.fixture(scope="module")
+def shared_target():
+    """One :func:`target` for the property tests' many examples: each rejection leaves it exactly
+    as it was (``assert_rejected`` checks), so every example sees the same segmenter."""
+    return target()
+
 # ------------------------------------------------------------------ exact round trips
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_round_trip_is_bitwise_exact(tmp_path, name):
@@ -222,11 +229,11 @@ def test_truncation_at_key_points_is_rejected(files, tmp_path):
 
 @fast(60)
 @given(data=st.data())
-def test_any_truncation_is_rejected(files, data):
+def test_any_truncation_is_rejected(files, shared_target, data):
     """A file cut at any length in [0, size) is refused and the segmenter is left exactly as it was."""
     blob = (files / "default.safetensors").read_bytes()
     length = data.draw(st.integers(0, len(blob) - 1), label="length")
-    segmenter = target()
+    segmenter = shared_target
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "cut.safetensors"
         path.write_bytes(blob[:length])
@@ -241,13 +248,13 @@ def flipped(blob: bytes, bit: int) -> bytes:
 
 @fast(150)
 @given(data=st.data())
-def test_any_single_bit_flip_is_rejected(files, data):
+def test_any_single_bit_flip_is_rejected(files, shared_target, data):
     """Flipping any one bit anywhere in the file (length prefix, header JSON, padding or tensor
     bytes) is detected before a weight is copied; the error names the file."""
     path = files / "default.safetensors"
     blob = path.read_bytes()
     bit = data.draw(st.integers(0, len(blob) * 8 - 1), label="bit")
-    segmenter = target()
+    segmenter = shared_target
     with tempfile.TemporaryDirectory() as directory:
         bad = Path(directory) / "flipped.safetensors"
         bad.write_bytes(flipped(blob, bit))
@@ -257,7 +264,7 @@ def test_any_single_bit_flip_is_rejected(files, data):
 
 @fast(400)
 @given(data=st.data())
-def test_any_single_bit_flip_in_header_is_rejected(files, data):
+def test_any_single_bit_flip_in_header_is_rejected(files, shared_target, data):
     """Same property, concentrated on the 8-byte length prefix and the header JSON (where a parser
     could still accept a damaged file): every flipped bit is refused."""
     blob = (files / "default.safetensors").read_bytes()
@@ -513,7 +520,7 @@ def test_backbone_never_touched_by_io(files, tmp_path):
 
 def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
     """A well-formed file whose tensors have a dtype we never write (float64, int32 counters)."""
-    from gopt_adapter.model import adapter_bytes
+    from gopt_adapter.gopt_segmenter import adapter_bytes
 
     segmenter = build(CONFIGS["default"], seed=0)
     before = snapshot(segmenter)
@@ -530,7 +537,7 @@ def test_tensors_of_an_unexpected_dtype_are_refused(tmp_path):
 # ------------------------------------------------------------- files that fit badly
 def doctored_file(tmp_path, segmenter, doctor) -> Path:
     """A file written by the library's own encoder (valid checksum) from a doctored copy of the adapter."""
-    from gopt_adapter.model import adapter_bytes
+    from gopt_adapter.gopt_segmenter import adapter_bytes
 
     adapter = copy.deepcopy(segmenter.adapter)
     doctor(adapter)
@@ -646,10 +653,10 @@ def test_dataset_preprocessing_reproduces_the_readers_samples(tmp_path):
     from types import SimpleNamespace
 
     from datasets_helpers import make_mfnet, make_nyudv2
-    from gopt_adapter.datasets import get_dataset
-    from gopt_adapter.predict import read_pair
+    from gopt_adapter.data import get_dataset
+    from gopt_adapter.cli.predict import read_pair
     from gopt_adapter.preprocessing import dataset_preprocessing
-    from gopt_adapter.transforms import build_transforms
+    from gopt_adapter.data.transforms import build_transforms
 
     make_nyudv2(tmp_path / "NYUDepthv2", {"test": ["0001"]}, hha=True)
     make_mfnet(tmp_path / "MFNet", {"test": ["00001D"]}, layout="folders")
@@ -697,7 +704,7 @@ def test_new_files_honour_the_umask_and_rewrites_keep_the_mode(tmp_path, umask):
 def test_backbone_digest_is_cached_across_saves_but_sees_data_edits(tmp_path, monkeypatch):
     """Several saves hash the backbone once; an edit through .data (no version bump) is seen and
     the next file records the digest of the edited weights."""
-    import gopt_adapter.model as model_module
+    import gopt_adapter.gopt_segmenter as model_module
     from gopt_adapter.backbone import weights_digest
 
     calls = []
@@ -778,7 +785,7 @@ def test_class_names_and_timm_model_are_recorded_and_files_without_them_still_lo
     from safetensors.torch import load_file, safe_open
 
     from gopt_adapter.backbone import create_backbone
-    from gopt_adapter.restore import backbone_for_adapter, restore_segmenter
+    from gopt_adapter.gopt_segmenter import backbone_for_adapter, restore_segmenter
 
     kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 64}
     torch.manual_seed(0)

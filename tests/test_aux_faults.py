@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import robustness
-from gopt_adapter.aux_faults import HOLE_BLOCK, ROBUSTNESS_FAULTS, AuxFault, FaultyAux
+from gopt_adapter.data.aux_faults import HOLE_BLOCK, ROBUSTNESS_FAULTS, AuxFault, FaultyAux
 from gopt_adapter.baselines import AUX_DROPOUT
 
 
@@ -98,7 +98,6 @@ def test_the_benchmark_conditions_are_those_the_docs_promise():
                      "holes 5%", "holes 11%", "holes 25%", "shift 1 px", "shift 2 px", "shift 4 px"]
 
 
-@pytest.mark.slow
 def test_robustness_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     tiny = ["--worlds", "depth", "--seeds", "0", "--variants", "foundation", "gopt", "gopt_aux_dropout",
             "--epochs", "1", "--train-length", "32", "--val-length", "8", "--workers", "1",

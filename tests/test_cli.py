@@ -16,9 +16,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from gopt_adapter import __version__, apply_gopt, count_parameters, save_adapter
-from gopt_adapter import cli, recipe
-from gopt_adapter.cli import main
-from gopt_adapter.visualize import class_palette, colormap
+from gopt_adapter.cli import commands as cli
+from gopt_adapter.train import run as recipe
+from gopt_adapter.cli.commands import main
+from gopt_adapter.cli.visualize import class_palette, colormap
 from conftest import nan_logits, with_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_predict_a_folder_of_pairs(files, tmp_path, capsys, monkeypatch):
 
 
 def test_predict_class_names_from_a_dataset(files, tmp_path):
-    from gopt_adapter.predict import resolve_class_names
+    from gopt_adapter.cli.predict import resolve_class_names
 
     assert resolve_class_names("mfnet", 9)[2] == "person" and resolve_class_names("mfnet", 8)[0] == "car"
     assert resolve_class_names("nyudv2", 40)[0] == "wall"
@@ -235,10 +236,47 @@ def test_errors_are_one_line(files, tmp_path, capsys, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
-    from gopt_adapter.cli import CliError
+    from gopt_adapter.cli.commands import CliError
 
     with pytest.raises(CliError):
         main([*args, "--debug"])
+
+
+@needs_fixtures
+def test_the_advice_follows_the_error_type_not_its_wording(files, tmp_path, capsys, monkeypatch):
+    """Every error of the library reworded (``errors.GoptError.__str__``, and the finding a
+    weights mismatch carries): the CLI's exit codes and advice do not change, because it maps
+    exception types, not messages, to advice."""
+    from gopt_adapter import errors
+
+    typed = {  # each raises its own errors.GoptError subclass
+        **{case: args for case, (args, _) in error_cases(files, tmp_path).items()
+           if case in ("unreadable", "size_mismatch", "other_backbone", "other_weights", "not_an_adapter")},
+        "no_adapter_file": ["inspect", str(tmp_path / "absent.safetensors")],
+        "no_such_device": predict_args(files, RGBD_RGB, RGBD_DEPTH, out=tmp_path / "o", extra=["--device", "cuda:7"]),
+        "train_usage": ["train", "--dataset", "synthetic", "--set", "train.epochs=-1"],
+    }
+
+    def run(args):
+        code = main(args)
+        return code, capsys.readouterr().err.strip()
+
+    as_worded = {case: run(args) for case, args in typed.items()}
+    monkeypatch.setattr(errors.GoptError, "__str__", lambda self: "reworded")
+    keep_init = errors.WeightsMismatchError.__init__
+
+    def reworded_finding(self, what):
+        keep_init(self, what)
+        self.what = "reworded"
+
+    monkeypatch.setattr(errors.WeightsMismatchError, "__init__", reworded_finding)
+    for case, args in typed.items():
+        code, err = run(args)
+        assert code == as_worded[case][0] == 2, (case, err)
+        assert err.startswith("error: reworded. "), (case, err)
+        advice = err.removeprefix("error: reworded. ")
+        assert advice and not advice.startswith("Run with --debug"), (case, err)  # a typed advice, not the fallback
+        assert as_worded[case][1].endswith(advice), (case, as_worded[case][1], advice)
 
 
 @needs_fixtures
@@ -316,7 +354,7 @@ def test_palette_and_colour_maps():
 
 # ----------------------------------------------------------------------------- every option documented
 def test_every_option_has_help():
-    from gopt_adapter.cli import build_parser
+    from gopt_adapter.cli.commands import build_parser
 
     def walk(parser, prefix):
         for action in parser._actions:
@@ -338,7 +376,7 @@ NYU_LIKE = dict(aux_max=10_000.0, aux_mean=(0.2,), aux_std=(0.3,))
 def save_with_preprocessing(files, path):
     """The module's adapter saved again with a NYUDv2-like preprocessing (same weights)."""
     from gopt_adapter import Preprocessing
-    from gopt_adapter.transforms import NormalizeConfig
+    from gopt_adapter.preprocessing import NormalizeConfig
 
     adapter = files["segmenter"].adapter
     adapter.preprocessing = Preprocessing(aux_max=NYU_LIKE["aux_max"], normalize=NormalizeConfig(
@@ -461,7 +499,7 @@ def test_fixed_size_backbone_and_other_image_size_is_one_line(depth_pair, tmp_pa
 
 
 def test_a_bug_is_one_line_naming_it_and_debug_shows_it(files, depth_pair, tmp_path, capsys, monkeypatch):
-    import gopt_adapter.predict as predict
+    import gopt_adapter.cli.predict as predict
 
     def broken(*args, **kwargs):
         raise KeyError("boom")
@@ -477,7 +515,7 @@ def test_a_bug_is_one_line_naming_it_and_debug_shows_it(files, depth_pair, tmp_p
 
 def test_any_value_or_os_error_is_one_line_without_traceback(files, depth_pair, tmp_path, capsys, monkeypatch):
     """Expected error types raised anywhere (here: while writing the outputs) are one line, status 2."""
-    import gopt_adapter.predict as predict
+    import gopt_adapter.cli.predict as predict
 
     for error in (ValueError("palette has\n3 colours"), OSError("disk full")):
         def failing(*args, **kwargs):
@@ -493,8 +531,8 @@ def test_any_value_or_os_error_is_one_line_without_traceback(files, depth_pair, 
 def test_predict_rgb_alone_uses_the_missing_mode_and_says_so(files, tmp_path, capsys):
     """One 3-channel image: the adapter's aux-missing mode, announced on stderr; the label equals
     segmenter(rgb, None) of the same adapter, computed here from the image itself."""
-    from gopt_adapter.predict import read_pair
-    from gopt_adapter.transforms import NormalizeConfig
+    from gopt_adapter.cli.predict import read_pair
+    from gopt_adapter.preprocessing import NormalizeConfig
 
     segmenter = apply_gopt(tiny_vit(), 1, NUM_CLASSES, hidden_dim=8, head_channels=16, aux_dropout=0.2)
     torch.manual_seed(3)
@@ -565,7 +603,7 @@ def test_eval_tta_at_scale_1_reproduces_plain_eval_and_results_json_keeps_both(s
 def test_eval_flip_changes_nothing_for_a_flip_equivariant_model(synthetic_adapter, tmp_path, capsys, monkeypatch):
     """The adapter's segmenter replaced by a 1x1 convolution: the mirrored view is the view
     mirrored, so --flip gives plain evaluation's metrics."""
-    from gopt_adapter import restore
+    from gopt_adapter import gopt_segmenter as restore
 
     torch.manual_seed(0)
     conv = PixelConv(num_classes=8)  # the synthetic depth world's classes
@@ -599,7 +637,7 @@ def test_eval_flag_errors_are_one_line(synthetic_adapter, tmp_path, capsys, flag
 
 def test_predict_by_sliding_window_runs_the_function_eval_runs(files, depth_pair, tmp_path, capsys, monkeypatch):
     from gopt_adapter import inference
-    from gopt_adapter.predict import predict_labels, read_pair
+    from gopt_adapter.cli.predict import predict_labels, read_pair
 
     windows, original = [], inference.sliding_window_logits
     monkeypatch.setattr(inference, "sliding_window_logits",

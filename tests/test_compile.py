@@ -12,7 +12,7 @@ import torch
 
 from gopt_adapter import GoptSegmenter
 from gopt_adapter.baselines import build_variant
-from gopt_adapter.engine import LOG_NAME, TrainConfig, evaluate
+from gopt_adapter.train.engine import LOG_NAME, TrainConfig, evaluate
 from conftest import make_backbone
 from test_amp import fixed_batch_trainer
 from test_engine import read_log, synthetic_sets
@@ -82,7 +82,6 @@ def test_each_new_image_size_compiles_once():
     assert backend.graphs == 3
 
 
-@pytest.mark.slow
 def test_compiled_training_matches_eager_then_saves_reloads_and_evaluates(tmp_path):
     """Two steps with train.compile=true give eager's losses and weights; the saved adapter
     reloads onto a fresh backbone and evaluates (eager and compiled) as the trained model."""

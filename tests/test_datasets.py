@@ -13,7 +13,7 @@ from PIL import Image
 
 from datasets_helpers import (FIXTURES, make_folder, make_mfnet, make_nyudv2, make_pst900, make_rgbx,
                               make_whu_scenes, write_png, write_tif)
-from gopt_adapter.datasets import (
+from gopt_adapter.data import (
     DATASETS,
     MFNet,
     NYUDv2,

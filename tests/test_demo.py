@@ -2,8 +2,8 @@
 
 from dataclasses import replace
 
-from gopt_adapter.cli import main
-from gopt_adapter.demo import DemoConfig, run_demo
+from gopt_adapter.cli.commands import main
+from gopt_adapter.cli.demo import DemoConfig, run_demo
 
 
 def test_small_demo_runs_and_reloads_identically(tmp_path, capsys):

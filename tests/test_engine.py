@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from gopt_adapter import apply_gopt
-from gopt_adapter.datasets import get_dataset
-from gopt_adapter.engine import (
+from gopt_adapter.data import get_dataset
+from gopt_adapter.train.engine import (
     CHECKPOINT_NAME,
     LOG_NAME,
-    CheckpointError,
     Dist,
-    NonFiniteError,
     TrainConfig,
     Trainer,
     evaluate,
@@ -25,8 +23,9 @@ from gopt_adapter.engine import (
     shutdown_distributed,
     trainable_state_dict,
 )
-from gopt_adapter.metrics import SegMetrics
-from gopt_adapter.transforms import build_transforms, default_train_config
+from gopt_adapter.errors import CheckpointError, NonFiniteError
+from gopt_adapter.train.metrics import SegMetrics
+from gopt_adapter.data.transforms import build_transforms, default_train_config
 from conftest import PixelModel, make_backbone, perturb_adapter
 
 
@@ -177,7 +176,8 @@ def test_checkpoint_rng_states_are_cpu_bytes_and_restore_from_the_cpu(tmp_path, 
 
 @pytest.mark.parametrize("change, named", [(dict(lr=2e-2), "lr 0.01 -> 0.02"), (dict(epochs=4), "epochs 3 -> 4"),
                                            (dict(grad_accum=4), "grad_accum 2 -> 4"), (dict(seed=1), "seed 0 -> 1"),
-                                           (dict(num_workers=1), "num_workers 0 -> 1")])
+                                           (dict(num_workers=1), "num_workers 0 -> 1"),
+                                           (dict(amp=True), "amp False -> True")])
 def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, change, named):
     make_trainer(tmp_path).fit(until_epoch=1)
     with pytest.raises(CheckpointError, match=named):

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from datasets_helpers import FIELD
-from gopt_adapter import apply_gopt, recipe
+from gopt_adapter import apply_gopt
+from gopt_adapter.train import run as recipe
 from gopt_adapter.backbone import create_backbone
 from gopt_adapter.baselines import build_variant
-from gopt_adapter.datasets import get_dataset
+from gopt_adapter.data import get_dataset
 from gopt_adapter.preprocessing import dataset_preprocessing
-from gopt_adapter.transforms import IMAGENET_MEAN, IMAGENET_STD, NormalizeConfig
+from gopt_adapter.preprocessing import IMAGENET_MEAN, IMAGENET_STD, NormalizeConfig
+from gopt_adapter.cli.commands import build_train_parser
+from gopt_adapter.train.run_config import load_run_config
 
 MFNET = FIELD / "mfnet_subset"
 DINOV2 = FIELD / "weights" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
@@ -30,7 +33,7 @@ def test_a_patch_14_backbone_runs_on_a_real_480x640_mfnet_frame_with_no_flags():
     """The recipe's own builders, as ``gopt train --dataset mfnet --backbone vit_small_patch14_dinov2
     --weights ...`` runs them: 14 does not divide 480x640, and no flag is needed; DINOv2's
     pretrained_cfg keeps ImageNet's mean/std; GoPT's logits cover the whole frame."""
-    config = recipe.load_run_config(recipe.parse_args(
+    config = load_run_config(build_train_parser().parse_args(
         ["--dataset", "mfnet", "--root", str(MFNET), "--backbone", "vit_small_patch14_dinov2",
          "--weights", str(DINOV2), "--val-split", "val"]))
     backbone = recipe.build_backbone(config)
@@ -79,9 +82,9 @@ def test_gopt_trains_on_two_real_frames_with_finite_gradients_and_a_falling_loss
 
 
 def test_the_field_benchmark_trains_every_row_to_finite_weights_that_predict_several_classes(tmp_path, capsys):
-    """``python -m benchmarks.field --quick``: every row of the real-frame table, one epoch at a
-    tenth of the frames' size, through ``gopt train``'s own path; a row with non-finite steps or
-    one predicted class would make it exit 1. Run again, it reuses every record."""
+    """``python -m benchmarks.field --quick``: every row of the real-frame table, on 32 frames at
+    0.15 of their size, through ``gopt train``'s own path; a row with non-finite steps or one
+    predicted class would make it exit 1. Run again, it reuses every record."""
     from benchmarks import field
 
     argv = ["--quick", "--out", str(tmp_path), "--root", str(MFNET), "--weights", str(DINOV2)]
@@ -103,7 +106,7 @@ def test_the_shipped_field_settings_are_gopt_train_config_files(tmp_path):
 
     for variant in field.ROWS:
         path = field.CONFIGS / f"field_{variant}.json"
-        config = recipe.load_run_config(recipe.parse_args(
+        config = load_run_config(build_train_parser().parse_args(
             ["--dataset", "mfnet", "--config", str(path), "--root", str(MFNET), "--weights", str(DINOV2)]))
         assert config.variant == variant and config.backbone == field.BACKBONE
         assert json.loads(path.read_text()) == field.FieldRecipe().settings(variant, config.train.lr)

@@ -14,9 +14,11 @@ from safetensors.torch import save_file
 
 from datasets_helpers import make_folder, write_png, write_tif
 from gopt_adapter import read_adapter_file
-from gopt_adapter.cli import main
-from gopt_adapter.datasets import FolderDataset, get_dataset
-from gopt_adapter.transforms import RandomCrop
+from gopt_adapter.cli.commands import main
+from gopt_adapter.data import FolderDataset, get_dataset
+from gopt_adapter.data.transforms import RandomCrop
+from gopt_adapter.cli.commands import build_train_parser
+from gopt_adapter.train.run_config import load_run_config
 
 KWARGS = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}
 TRAIN = ["--set", f"backbone_kwargs={json.dumps(KWARGS)}", "--set", "train.epochs=1", "--set", "train.batch_size=4",
@@ -131,13 +133,13 @@ def test_bad_folder_is_one_error_line_naming_the_file_before_training(tmp_path, 
 
 # ----------------------------------------------------------------------------- recipe
 def test_crop_defaults_to_the_common_size_and_preprocessing_follows_the_options(tmp_path):
-    from gopt_adapter import recipe
+    from gopt_adapter.train import run as recipe
 
     make_folder(tmp_path, {"train": 4, "val": 1}, h=24, w=40)
 
     def built(*extra):
-        args = recipe.parse_args(["--dataset", "folder", "--root", str(tmp_path), "--random-init", *extra])
-        return recipe.build_datasets(recipe.load_run_config(args))
+        args = build_train_parser().parse_args(["--dataset", "folder", "--root", str(tmp_path), "--random-init", *extra])
+        return recipe.build_datasets(load_run_config(args))
 
     def crop(train_set):
         return next(t for t in train_set.transform.transforms if isinstance(t, RandomCrop)).size
@@ -181,7 +183,7 @@ def test_train_then_inspect_predict_eval_with_only_the_weights(tmp_path, capsys,
     assert "3: sky, road, car" in text and "vit_base_patch16_224" in text
 
     legends = []
-    import gopt_adapter.predict as predict_module
+    import gopt_adapter.cli.predict as predict_module
 
     real = predict_module.write_prediction
     monkeypatch.setattr(predict_module, "write_prediction",

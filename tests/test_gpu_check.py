@@ -8,7 +8,6 @@ from benchmarks import gpu_check
 from benchmarks.gpu_check import COMPILED_THEN, DOC_KEY, INFER_VARIANTS, TRAIN_VARIANTS
 
 
-@pytest.mark.slow
 def test_quick_cpu_run_measures_every_part_and_renders_the_docs_block(tmp_path):
     out = tmp_path / "out"
     # The default --quick budget (70 s) holds any run under 90 s by skipping what does not fit;

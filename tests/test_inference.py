@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gopt_adapter import apply_gopt
-from gopt_adapter.datasets import get_dataset
-from gopt_adapter.engine import evaluate
+from gopt_adapter.data import get_dataset
+from gopt_adapter.train.engine import evaluate
 from gopt_adapter.inference import TTAConfig, sliding_window_logits, tta_scores, view_size, window_starts
-from gopt_adapter.transforms import build_transforms, resize_logits
+from gopt_adapter.data.transforms import build_transforms
+from gopt_adapter.resize import resize_logits
 from conftest import PixelModel, make_backbone, perturb_adapter
 
 

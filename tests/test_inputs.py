@@ -11,15 +11,19 @@ from safetensors.torch import save_file
 
 from gopt_adapter import apply_gopt, read_adapter_file, save_adapter
 from gopt_adapter.backbone import BackboneSpec, create_backbone
-from gopt_adapter.cli import main
-from gopt_adapter.datasets import SyntheticRGBX
-from gopt_adapter.engine import evaluate
-from gopt_adapter.metrics import SegMetrics
-from gopt_adapter.predict import ImagePair, predict_labels
+from gopt_adapter.cli.commands import main
+from gopt_adapter.data import SyntheticRGBX
+from gopt_adapter.train.engine import evaluate
+from gopt_adapter.train.metrics import SegMetrics
+from gopt_adapter.cli.predict import ImagePair, predict_labels
 from gopt_adapter.preprocessing import Preprocessing, dataset_preprocessing
-from gopt_adapter.restore import restore_segmenter
-from gopt_adapter import recipe
-from gopt_adapter.transforms import NormalizeConfig, build_transforms, default_train_config, resize_image
+from gopt_adapter.gopt_segmenter import restore_segmenter
+from gopt_adapter.train import run as recipe
+from gopt_adapter.preprocessing import NormalizeConfig
+from gopt_adapter.data.transforms import build_transforms, default_train_config
+from gopt_adapter.resize import resize_image
+from gopt_adapter.cli.commands import build_train_parser
+from gopt_adapter.train.run_config import load_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -71,7 +75,7 @@ def test_a_padded_backbone_round_trips_through_the_adapter_file(tmp_path):
 # ----------------------------------------------------------------------- the backbone's mean/std
 def run_config(*extra, weights=None):
     init = ["--weights", str(weights)] if weights else []
-    return recipe.load_run_config(recipe.parse_args(
+    return load_run_config(build_train_parser().parse_args(
         ["--dataset", "synthetic", "--backbone", NAME, "--set", f"backbone_kwargs={json.dumps(PATCH7)}",
          "--set", "dataset_options.length=2", "--set", "dataset_options.size=32", "--set", "val_options.length=2",
          *init, *extra]))

@@ -14,13 +14,19 @@ from dataclasses import replace
 import torch
 
 from gopt_adapter import apply_gopt
-from gopt_adapter.demo import DemoConfig, build_foundation_backbone, class_miou, synthetic_datasets, train_foundation
-from gopt_adapter.engine import Dist, Trainer
+from gopt_adapter.cli.demo import (
+    DemoConfig,
+    build_foundation_backbone,
+    class_miou,
+    synthetic_datasets,
+    train_foundation,
+)
+from gopt_adapter.train.engine import Dist, Trainer
 
 
 def test_gopt_passes_the_rgb_only_bound_only_with_the_aligned_acp_query(tmp_path):
     base = DemoConfig()
-    config = replace(base, train_length=256, val_length=48, out=str(tmp_path),
+    config = replace(base, train_length=128, val_length=48, out=str(tmp_path),
                      foundation=replace(base.foundation, epochs=3, progress=False),
                      gopt=replace(base.gopt, epochs=8, progress=False))
     weights = tmp_path / "foundation.safetensors"

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gopt_adapter.engine import TrainConfig, Trainer
-from gopt_adapter.losses import build_loss, count_labels, enet_class_weights, ohem_cross_entropy
+from gopt_adapter.train.engine import TrainConfig, Trainer
+from gopt_adapter.train.losses import build_loss, count_labels, enet_class_weights, ohem_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -175,7 +175,7 @@ def test_loss_settings_are_validated(bad):
 def test_class_weights_go_with_ce_weighted_only(tmp_path):
     from conftest import make_backbone
     from gopt_adapter import apply_gopt
-    from gopt_adapter.datasets import get_dataset
+    from gopt_adapter.data import get_dataset
 
     train = get_dataset("synthetic", split="train", mode="depth", size=32, length=8)
     model = apply_gopt(make_backbone("vit", depth=2), 1, train.num_classes, hidden_dim=8)
@@ -197,7 +197,7 @@ def test_class_weights_go_with_ce_weighted_only(tmp_path):
 @pytest.mark.parametrize("loss", ["ce_weighted", "ohem"])
 def test_gopt_train_takes_the_loss_and_records_the_weights_of_the_training_labels(tmp_path, loss):
     from datasets_helpers import make_folder
-    from gopt_adapter.cli import main
+    from gopt_adapter.cli.commands import main
     from test_folder import TRAIN
 
     written = make_folder(tmp_path / "data", {"train": 4, "val": 1})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gopt_adapter.metrics import SegMetrics
+from gopt_adapter.train.metrics import SegMetrics
 
 
 def test_hand_computed_three_classes() -> None:
@@ -169,27 +168,3 @@ def test_matches_numpy_reference(k: int, n: int, ignore_frac: float, seed: int) 
         assert 0.0 <= ours[key] <= 1.0
     assert -1.0 <= ours["kappa"] <= 1.0
 
-
-def _ddp_worker(rank: int, world: int, init_file: str, preds: list, targets: list, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    m = SegMetrics(4)
-    m.update(torch.tensor(preds[rank]), torch.tensor(targets[rank]))
-    m.sync()
-    if rank == 0:
-        torch.save(m.confmat, out)
-    dist.destroy_process_group()
-
-
-def test_ddp_sum_across_processes(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    rng = np.random.default_rng(0)
-    preds = [rng.integers(0, 4, 50).tolist() for _ in range(2)]
-    targets = [rng.integers(0, 4, 50).tolist() for _ in range(2)]
-    out = tmp_path / "cm.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), preds, targets, str(out)), nprocs=2, join=True)
-    single = SegMetrics(4)
-    single.update(torch.tensor(preds[0] + preds[1]), torch.tensor(targets[0] + targets[1]))
-    assert torch.equal(torch.load(out), single.confmat)

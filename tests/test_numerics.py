@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gopt_adapter.files import write_tensors
-from gopt_adapter.numerics import NonFiniteTensorError, finite_flags, nonfinite_names, shown
+from gopt_adapter.atomic_files import write_tensors
+from gopt_adapter.errors import NonFiniteTensorError
+from gopt_adapter.numerics import finite_flags, nonfinite_names, shown
 
 NAN, INF = float("nan"), float("inf")
 

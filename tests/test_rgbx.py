@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from datasets_helpers import make_rgbx, write_png
-from gopt_adapter.cli import main
-from gopt_adapter.datasets import RGBXDataset, get_dataset, read_image
+from gopt_adapter.cli.commands import main
+from gopt_adapter.data import RGBXDataset, get_dataset, read_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

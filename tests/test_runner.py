@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks import run as runner
 from gopt_adapter import read_adapter_file
-from gopt_adapter import recipe
-from gopt_adapter.metrics import SegMetrics
+from gopt_adapter.train import run as recipe
+from gopt_adapter.train.metrics import SegMetrics
 from conftest import nan_logits, with_logits
+from gopt_adapter.cli.commands import build_train_parser
+from gopt_adapter.train.run_config import config_path, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", "synthetic", "--device", "cpu", "--set", "train.progress=false", "--set", "train.log_every=1",
@@ -98,8 +100,8 @@ def test_pth_weights_are_loaded_only_when_they_hold_nothing_but_tensors(tmp_path
     err = capsys.readouterr().err
     assert "cannot be loaded safely" in err and err.count("\n") == 1 and not marker.exists()
 
-    config = runner.load_run_config(runner.parse_args(SMALL))
-    torch.save(runner.build_backbone(config).state_dict(), tmp_path / "good.pth")
+    config = load_run_config(runner.parse_args(SMALL))
+    torch.save(recipe.build_backbone(config).state_dict(), tmp_path / "good.pth")
     out = tmp_path / "good"
     assert runner.main([*SMALL, "--weights", str(tmp_path / "good.pth"), "--set", "train.epochs=1",
                         "--set", "dataset_options.length=16", "--set", "val_options.length=2", "--out", str(out)]) == 0
@@ -108,7 +110,7 @@ def test_pth_weights_are_loaded_only_when_they_hold_nothing_but_tensors(tmp_path
 
 
 def test_short_run_writes_results_and_adapter(tmp_path, monkeypatch):
-    from gopt_adapter import engine
+    from gopt_adapter.train import engine
 
     real_evaluate = engine.evaluate  # evaluate one class more than the model predicts: its IoU is NaN
     monkeypatch.setattr(engine, "evaluate", lambda model, data, k, *a, **kw: real_evaluate(model, data, k + 1, *a, **kw))
@@ -208,7 +210,7 @@ def train_records(log: Path):
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(tmp_path):
-    args = [*SMALL, "--set", "train.epochs=3", "--set", "dataset_options.length=96"]
+    args = [*SMALL, "--set", "train.epochs=3", "--set", "dataset_options.length=64"]
     straight = cli(*args, "--out", str(tmp_path / "straight"))
     crashed_dir = tmp_path / "crashed"
     crashed = cli(*args, "--out", str(crashed_dir))
@@ -276,13 +278,13 @@ def test_ddp_with_two_gloo_processes(tmp_path):
     # metrics summed over both ranks equal a single-process evaluation of the same adapter
     from gopt_adapter import load_adapter
     from gopt_adapter.baselines import build_variant
-    from gopt_adapter.engine import evaluate, seed_everything
+    from gopt_adapter.train.engine import evaluate, seed_everything
 
-    config = runner.load_run_config(runner.parse_args([*SMALL, "--out", str(out)]))
+    config = load_run_config(runner.parse_args([*SMALL, "--out", str(out)]))
     seed_everything(config.train.seed)  # as run() does: the same random-init backbone
-    _, val_set = runner.build_datasets(config)
+    _, val_set = recipe.build_datasets(config)
 
-    model = build_variant("gopt", runner.build_backbone(config), val_set.aux_channels, len(val_set.class_names))
+    model = build_variant("gopt", recipe.build_backbone(config), val_set.aux_channels, len(val_set.class_names))
     load_adapter(model, out / "adapter.safetensors")  # the digest proves it is the same backbone
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank ran: the same float reduction order
@@ -386,9 +388,9 @@ def test_vit_large_backbone_builds_through_the_runner():
     from gopt_adapter import count_parameters
     from gopt_adapter.baselines import build_variant
 
-    config = runner.load_run_config(runner.parse_args(
+    config = load_run_config(runner.parse_args(
         ["--dataset", "synthetic", "--backbone", "vit_large_patch16_224.mae", "--set", 'backbone_kwargs={"depth": 1}']))
-    backbone = runner.build_backbone(config)
+    backbone = recipe.build_backbone(config)
     assert backbone.embed_dim == 1024 and len(backbone.blocks) == 1
     model = build_variant("gopt", backbone, 1, 4)
     rgb = torch.randn(1, 3, 32, 48)
@@ -416,7 +418,7 @@ def make_layout(dataset, root):
     elif dataset == "pst900":
         helpers.make_pst900(root, splits, h=20, w=28)
     else:
-        from gopt_adapter.datasets import tile_whu_opt_sar
+        from gopt_adapter.data import tile_whu_opt_sar
 
         helpers.make_whu_scenes(root / "scenes", [f"s{i}" for i in range(5)], h=40, w=56)
         tile_whu_opt_sar(root / "scenes", root / "tiles", tile_size=16, progress=False)
@@ -438,14 +440,14 @@ def test_runner_on_tiny_copies_of_each_layout(dataset, tmp_path):
 def test_the_configs_augment_and_one_setting_turns_it_off():
     """Every packaged config states the augmentation reading (on: crop and flip are standard);
     ``--set transforms.augment=false`` leaves only the centred crop."""
-    from gopt_adapter import recipe
-    from gopt_adapter.transforms import build_transforms
+    from gopt_adapter.train import run as recipe
+    from gopt_adapter.data.transforms import build_transforms
 
-    for path in sorted(recipe.config_path("synthetic").parent.glob("*.json")):
+    for path in sorted(config_path("synthetic").parent.glob("*.json")):
         assert read_json(path)["transforms"]["augment"] is True, path.name
     for setting, expected in (([], ["RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize"]),
                               (["--set", "transforms.augment=false"], ["CenterCrop", "Normalize"])):
-        config = recipe.load_run_config(recipe.parse_args(["--dataset", "synthetic", *setting]))
+        config = load_run_config(build_train_parser().parse_args(["--dataset", "synthetic", *setting]))
         transforms = recipe.build_transform_config(config)
         assert transforms.crop_size == (64, 64)
         assert [type(t).__name__ for t in build_transforms("synthetic", True, transforms).transforms] == expected
@@ -456,7 +458,7 @@ def test_a_settings_file_chooses_the_variant_unless_the_flag_does(tmp_path):
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"variant": "probe", "train": {"epochs": 1}}))
     base = ["--dataset", "synthetic", "--config", str(settings), "--random-init"]
-    assert recipe.load_run_config(recipe.parse_args(base)).variant == "probe"
-    assert recipe.load_run_config(recipe.parse_args([*base, "--variant", "vpt_deep"])).variant == "vpt_deep"
+    assert load_run_config(build_train_parser().parse_args(base)).variant == "probe"
+    assert load_run_config(build_train_parser().parse_args([*base, "--variant", "vpt_deep"])).variant == "vpt_deep"
     settings.write_text(json.dumps({"train": {"epochs": 1}}))
-    assert recipe.load_run_config(recipe.parse_args(base)).variant == "gopt"
+    assert load_run_config(build_train_parser().parse_args(base)).variant == "gopt"

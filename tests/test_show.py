@@ -7,12 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
-from gopt_adapter.datasets import get_dataset
-from gopt_adapter.engine import evaluate
-from gopt_adapter.show import ShowWriter, write_confusion_csv
-from gopt_adapter.transforms import build_transforms
-from gopt_adapter.visualize import (VOID_COLOUR, WRONG_COLOUR, class_palette, colorize_truth, display_zoom,
-                                    mark_wrong)
+from gopt_adapter.data import get_dataset
+from gopt_adapter.train.engine import evaluate
+from gopt_adapter.cli.show import ShowWriter, write_confusion_csv
+from gopt_adapter.data.transforms import build_transforms
+from gopt_adapter.cli.visualize import (
+    VOID_COLOUR,
+    WRONG_COLOUR,
+    class_palette,
+    colorize_truth,
+    display_zoom,
+    mark_wrong,
+)
 
 SIZE = 24
 NUM_CLASSES = 8  # the synthetic depth world's

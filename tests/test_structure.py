@@ -1,8 +1,8 @@
-"""The package reads one way: no import cycle, a core without dataset readers, a declared adapter contract."""
+"""The package keeps its shape: `import gopt_adapter` loads only the core, a declared adapter contract,
+and base classes that know nothing of their subclasses."""
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import os
 import subprocess
@@ -14,122 +14,19 @@ import torch
 from torch import nn
 
 from gopt_adapter import GoptAdapter, GoptSegmenter, apply_gopt
-from gopt_adapter.baselines import VARIANTS, BaselineAdapter, BaselineSegmenter, build_variant
+from gopt_adapter.baselines import VARIANTS, BaselineAdapter, BaselineSegmenter, TwoStreamSegmenter, build_variant
 from gopt_adapter.contract import SegmentationAdapter, check_adapter
-from gopt_adapter.segmenter import PromptedSegmenter
+from gopt_adapter.segmenter import PromptedSegmenter, SegmenterBase
 from conftest import assert_bitwise_equal, make_backbone, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "gopt_adapter"
 
 
-def module_name(path: Path, package_dir: Path) -> str:
-    parts = path.relative_to(package_dir.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph(package_dir: Path) -> dict[str, set[str]]:
-    """Module -> the package modules it imports anywhere in its source (top level, functions,
-    ``if TYPE_CHECKING:`` blocks), read with ``ast``: ``from .x import y`` names module
-    ``x.y`` when that is a module, else ``x``; ``from . import __version__`` names the package."""
-    files = {module_name(path, package_dir): path for path in package_dir.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in files.items():
-        is_package = path.name == "__init__.py"
-        edges = graph.setdefault(name, set())
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
-                    origin = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    origin = node.module or ""
-                targets = [f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in files else origin
-                           for alias in node.names]
-            else:
-                continue
-            edges.update(target for target in targets if target in files and target != name)
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle of ``graph`` as a path ``[a, b, ..., a]``, or ``None`` (depth-first search)."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for target in sorted(graph.get(node, ())):
-            if state.get(target) == 1:
-                return path[path.index(target):] + [target]
-            if target not in state:
-                found = visit(target)
-                if found:
-                    return found
-        state[node] = 2
-        path.pop()
-        return None
-
-    for node in sorted(graph):
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
-    return None
-
-
-def test_the_cycle_finder_sees_a_cycle_through_a_type_checking_import(tmp_path):
-    """The situation before this check: a -> b at run time, b -> a under TYPE_CHECKING, and the
-    package's __init__ imported back by a submodule for __version__."""
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("from .a import f\n")
-    (package / "a.py").write_text("from .b import g\n\ndef f():\n    from . import c\n")
-    (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import f\n")
-    (package / "c.py").write_text("import os\n")
-    graph = import_graph(package)
-    assert graph == {"pkg": {"pkg.a"}, "pkg.a": {"pkg.b", "pkg.c"}, "pkg.b": {"pkg.a"}, "pkg.c": set()}
-    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
-    (package / "b.py").write_text("from . import __version__\n")
-    assert find_cycle(import_graph(package)) == ["pkg", "pkg.a", "pkg.b", "pkg"]
-    (package / "b.py").write_text("import os\n")
-    assert find_cycle(import_graph(package)) is None
-
-
-def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
-    seen, todo = set(), [start]
-    while todo:
-        for target in graph[todo.pop()] - seen:
-            seen.add(target)
-            todo.append(target)
-    return seen
-
-
-def test_no_import_cycle_among_the_package_modules():
-    graph = import_graph(PACKAGE)
-    assert {"gopt_adapter.model", "gopt_adapter.adapter_io", "gopt_adapter.datasets.base"} <= set(graph)
-    assert "gopt_adapter.adapter_io" in graph["gopt_adapter.model"]  # the graph sees real edges
-    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
-
-
-def test_the_file_format_knows_no_model_and_the_public_api_no_reader():
-    """Statically, lazy imports included: adapter_io reaches no adapter or segmenter, and
-    nothing gopt_adapter/__init__.py imports reaches a dataset reader or the CLI layer."""
-    graph = import_graph(PACKAGE)
-    assert not reachable(graph, "gopt_adapter.adapter_io") & {
-        "gopt_adapter.adapter", "gopt_adapter.model", "gopt_adapter.segmenter", "gopt_adapter.baselines"}
-    core = reachable(graph, "gopt_adapter")
-    assert {"gopt_adapter.model", "gopt_adapter.scaling"} <= core
-    assert not {m for m in core if m.startswith("gopt_adapter.datasets")}
-    assert not core & {"gopt_adapter.cli", "gopt_adapter.predict", "gopt_adapter.visualize", "gopt_adapter.recipe"}
-
-
-def test_importing_the_package_loads_no_dataset_reader_pil_or_tifffile():
-    code = ("import gopt_adapter, sys; print(sorted(m for m in sys.modules "
-            "if m.startswith(('PIL', 'tifffile', 'gopt_adapter.datasets'))))")
+def test_importing_the_package_loads_no_reader_engine_baseline_or_command():
+    """What ``gopt_adapter/__init__.py`` imports at run time (the layers of the modules it names
+    are import-linter's contracts in pyproject.toml, run by scripts/test.sh)."""
+    code = ("import gopt_adapter, sys; print(sorted(m for m in sys.modules if m.startswith(('PIL', 'tifffile', "
+            "'gopt_adapter.data', 'gopt_adapter.train', 'gopt_adapter.baselines', 'gopt_adapter.cli'))))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -143,7 +40,9 @@ def test_gopt_and_every_baseline_adapter_implement_the_contract():
     for name in names:
         options = {"hidden_dim": 8} if name.startswith("gopt") else {}
         segmenter = build_variant(name, make_backbone("vit", depth=2), 1, 3, **options)
-        assert isinstance(segmenter, GoptSegmenter if name.startswith("gopt") else BaselineSegmenter), name
+        expected = GoptSegmenter if name.startswith("gopt") else TwoStreamSegmenter if name == "fft" else \
+            BaselineSegmenter
+        assert isinstance(segmenter, expected), name
         assert isinstance(segmenter.adapter, SegmentationAdapter), name
         assert isinstance(segmenter.adapter, GoptAdapter if name.startswith("gopt") else BaselineAdapter), name
         check_adapter(segmenter.adapter)
@@ -185,7 +84,7 @@ def test_a_segmenter_refuses_an_adapter_outside_the_contract_before_touching_the
     model = make_backbone("vit", depth=2)
     before = snapshot(model)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for cls in (PromptedSegmenter, GoptSegmenter, BaselineSegmenter):
+    for cls in (PromptedSegmenter, GoptSegmenter, BaselineSegmenter, TwoStreamSegmenter):
         with pytest.raises(TypeError, match=named):
             cls(model, BackboneSpec.from_model(model), adapter)
     assert_bitwise_equal(before, snapshot(model))
@@ -231,17 +130,22 @@ def test_a_duck_typed_adapter_runs_in_the_shared_segmenter():
 
 
 def test_baselines_and_gopt_share_a_base_that_refuses_nothing():
-    """Neither segmenter overrides an inherited method to refuse it: what one does not have, it
-    does not inherit."""
-    for cls in (PromptedSegmenter, GoptSegmenter, BaselineSegmenter):
-        assert issubclass(cls, PromptedSegmenter)
+    """No segmenter overrides an inherited method to refuse it: what one does not have, it does
+    not inherit. GoPT's aux-missing mode and adapter files live with GoPT; the single-stream RGB
+    pass is not the two-stream FFT's."""
+    for cls in (PromptedSegmenter, GoptSegmenter, BaselineSegmenter, TwoStreamSegmenter):
+        assert issubclass(cls, SegmenterBase)
     assert not issubclass(BaselineSegmenter, GoptSegmenter)
     gopt_only = {"save_pretrained", "from_pretrained", "from_adapter_file", "add_adapter", "set_adapter",
-                 "delete_adapter", "get_adapter", "forward_mixed", "backbone_fingerprint"}
+                 "delete_adapter", "get_adapter", "forward_mixed", "backbone_fingerprint", "_missing_aux_inputs"}
     assert gopt_only <= set(vars(GoptSegmenter))
-    assert not gopt_only & set(dir(PromptedSegmenter)) and not gopt_only & set(dir(BaselineSegmenter))
+    for cls in (SegmenterBase, PromptedSegmenter, BaselineSegmenter, TwoStreamSegmenter):
+        assert not gopt_only & set(dir(cls)), cls
+    single_stream = {"backbone_features", "_prompted_features"}
+    assert single_stream <= set(vars(PromptedSegmenter))
+    assert not single_stream & (set(dir(TwoStreamSegmenter)) | set(dir(SegmenterBase)))
     segmenter = apply_gopt(make_backbone("vit", depth=2), 1, 3, hidden_dim=8)
-    assert isinstance(segmenter, PromptedSegmenter) and isinstance(segmenter.adapter, SegmentationAdapter)
+    assert isinstance(segmenter, SegmenterBase) and isinstance(segmenter.adapter, SegmentationAdapter)
 
 
 @pytest.mark.parametrize("name", ["fft", "vpt_deep"])
@@ -249,7 +153,7 @@ def test_the_shared_base_serves_baselines_remove_count_export_and_aux_missing(na
     """remove_gopt gives a baseline's timm model back as it was, count_parameters counts it,
     export_onnx accepts it (refusing only the bad size), and the aux-missing path names it."""
     from gopt_adapter import count_parameters, export_onnx, remove_gopt
-    from gopt_adapter.aux_faults import WithoutAux
+    from gopt_adapter.data.aux_faults import WithoutAux
 
     model = make_backbone("vit", depth=2).train()
     model.blocks[0].requires_grad_(False)

@@ -254,7 +254,7 @@ def test_each_task_keeps_the_preprocessing_of_its_file(tmp_path):
     """Adapters added from files carry their own stored preprocessing through activation swaps;
     loading a file into the active adapter replaces its preprocessing with the file's."""
     from gopt_adapter import Preprocessing
-    from gopt_adapter.transforms import NormalizeConfig
+    from gopt_adapter.preprocessing import NormalizeConfig
 
     depth = Preprocessing(aux_max=10_000)
     sar = Preprocessing(aux_scale="per_image", normalize=NormalizeConfig(aux_mean=(0.1, 0.2, 0.3), aux_std=(0.4,)))

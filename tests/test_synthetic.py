@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from gopt_adapter.datasets import FAMILIES, WORLDS, RelativeSensor, SyntheticRGBX, get_dataset, rgb_only_miou_bound
-from gopt_adapter.metrics import SegMetrics
+from gopt_adapter.data import FAMILIES, WORLDS, RelativeSensor, SyntheticRGBX, get_dataset, rgb_only_miou_bound
+from gopt_adapter.train.metrics import SegMetrics
 
 MODES = sorted(WORLDS)
 ABSOLUTE = FAMILIES["absolute"]
@@ -237,7 +237,7 @@ def test_invalid_options() -> None:
 def test_cache_returns_exactly_the_generated_scenes():
     """cache=True gives the same samples as generating them (before and after transforms), and
     a transform run on a cached sample leaves the cache as it was."""
-    from gopt_adapter.transforms import build_transforms, default_train_config
+    from gopt_adapter.data.transforms import build_transforms, default_train_config
 
     transform = build_transforms("synthetic", True, default_train_config("synthetic", crop_size=(32, 32)))
     plain = SyntheticRGBX("thermal", "train", size=32, length=4, seed=5)
@@ -265,7 +265,7 @@ def module_before_relative(tmp_path: Path, monkeypatch):
         pytest.skip(f"no git history with {BEFORE_RELATIVE} here: {exc}")
     path = tmp_path / "synthetic_before_relative.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("gopt_adapter.datasets._synthetic_before_relative", path)
+    spec = importlib.util.spec_from_file_location("gopt_adapter.data._synthetic_before_relative", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -386,9 +386,11 @@ def test_relative_misregistration_stays_within_max_shift():
 
 def test_the_relative_world_is_chosen_in_gopt_train_settings():
     """``--set dataset_options.mode=relative`` (and its sensor's fields) through gopt train's path."""
-    from gopt_adapter.recipe import build_datasets, load_run_config, parse_args
+    from gopt_adapter.cli.commands import build_train_parser
+    from gopt_adapter.train.run import build_datasets
+    from gopt_adapter.train.run_config import load_run_config
 
-    config = load_run_config(parse_args(["--dataset", "synthetic", "--set", "dataset_options.mode=relative",
+    config = load_run_config(build_train_parser().parse_args(["--dataset", "synthetic", "--set", "dataset_options.mode=relative",
                                          "--set", "dataset_options.sensor.max_shift=1"]))
     train, val = build_datasets(config)
     for dataset in (train, val):

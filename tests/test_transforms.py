@@ -6,20 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from gopt_adapter.datasets import SyntheticRGBX
-from gopt_adapter.transforms import (
+from gopt_adapter.data import SyntheticRGBX
+from gopt_adapter.data.transforms import (
     DEFAULT_TRAIN_SETTINGS,
-    Normalize,
-    NormalizeConfig,
     RandomCrop,
     RandomHorizontalFlip,
     RandomScale,
-    ScaleImage,
     TrainTransformConfig,
     build_transforms,
     default_train_config,
-    resize_sample,
 )
+from gopt_adapter.preprocessing import Normalize, NormalizeConfig, ScaleImage
+from gopt_adapter.resize import resize_sample
 
 
 def make_sample(h: int = 6, w: int = 8, aux_channels: int = 1, seed: int = 0) -> dict:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from gopt_adapter import count_parameters
 from gopt_adapter.baselines import TwoStreamSegmenter, build_fft, build_variant
-from gopt_adapter.datasets import get_dataset
-from gopt_adapter.engine import Dist, TrainConfig, Trainer
-from gopt_adapter.transforms import build_transforms, default_train_config
-from gopt_adapter.two_stream import ModalityLayerNorm
+from gopt_adapter.data import get_dataset
+from gopt_adapter.train.engine import Dist, TrainConfig, Trainer
+from gopt_adapter.data.transforms import build_transforms, default_train_config
+from gopt_adapter.baselines.two_stream import ModalityLayerNorm
 from conftest import assert_bitwise_equal, family_inputs, make_backbone, snapshot
 
 CLASSES, D = 5, 32
@@ -141,8 +141,7 @@ def test_inputs_and_models_are_checked_before_anything_changes():
         segmenter(rgb, aux.repeat(1, 2, 1, 1))
     with pytest.raises(ValueError, match="no aux-missing mode"):
         segmenter(rgb, None)
-    with pytest.raises(NotImplementedError, match="stream_features"):
-        segmenter.backbone_features(rgb)
+    assert not hasattr(segmenter, "backbone_features")  # two stacked streams only: no single-stream pass
     sam = make_backbone("samvit")
     with pytest.raises(TypeError, match="fft_early"):
         build_variant("fft", sam, 1, CLASSES)

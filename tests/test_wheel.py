@@ -35,7 +35,6 @@ def run(command, cwd, env, timeout=300):
     return done
 
 
-@pytest.mark.slow  # ~20 s: build, install, and four commands as fresh processes
 def test_wheel_install_trains_evaluates_predicts_and_inspects_without_a_clone(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
@@ -79,7 +78,7 @@ def test_wheel_install_trains_evaluates_predicts_and_inspects_without_a_clone(tm
     assert sorted(p.name for p in (work / "pred").iterdir()) == [
         "val_000_label.png", "val_000_panel.png", "val_001_label.png", "val_001_panel.png"]
     # gopt inspect, in a process that also says where the package and its configs were loaded from
-    shown = run([python, "-c", "import sys, gopt_adapter, gopt_adapter.recipe as r, gopt_adapter.cli as cli; "
+    shown = run([python, "-c", "import sys, gopt_adapter, gopt_adapter.train.run_config as r, gopt_adapter.cli as cli; "
                                "print(gopt_adapter.__file__, r.config_path('folder')); "
                                "sys.exit(cli.main(['inspect', 'run/adapter.safetensors']))"], work, env).stdout
     imported = shown.splitlines()[0].split()

@@ -13,9 +13,9 @@ import pytest
 import tifffile
 
 from datasets_helpers import make_whu_scenes
-from gopt_adapter import tile_whu
-from gopt_adapter.datasets import whu_opt_sar
-from gopt_adapter.datasets.whu_opt_sar import tile_whu_opt_sar
+from gopt_adapter.cli import tile_whu
+from gopt_adapter.data import whu_opt_sar
+from gopt_adapter.data.whu_opt_sar import tile_whu_opt_sar
 
 STEMS = ["NH49E001013", "NH49E001014", "NH49E001015", "NH49E001016", "NH49E001017"]
 

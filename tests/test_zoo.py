@@ -106,7 +106,6 @@ def test_every_registry_module_is_classified():
     assert modules - set().union(*lists) == set()
 
 
-@pytest.mark.slow
 def test_every_vit_like_name_is_wrapped_or_refused_as_documented(outcomes):
     assert len(outcomes) == len(zoo.vit_like_names()) > 300
     for outcome in outcomes:
@@ -124,7 +123,6 @@ def test_every_vit_like_name_is_wrapped_or_refused_as_documented(outcomes):
     assert len(hybrids) >= 27 and all(o.error is None for o in hybrids)
 
 
-@pytest.mark.slow
 def test_sample_covers_every_wrapped_class_and_hybrid_stem(outcomes):
     """Tier 2 holds >= 40 models: >= 3 of each wrapped class (all of a class with fewer names)
     and every hybrid stem type the registry has."""
@@ -139,7 +137,6 @@ def test_sample_covers_every_wrapped_class_and_hybrid_stem(outcomes):
     assert len(stems) >= 5
 
 
-@pytest.mark.slow
 def test_api_doc_table_is_the_sweep(outcomes):
     """docs/api.md holds what `python -m benchmarks.zoo` writes for this sweep."""
     assert zoo.table(outcomes) in zoo.API_DOC.read_text()
@@ -160,7 +157,6 @@ def sample_inputs(model, batch: int = 2):
     return rgb, aux, labels
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", SAMPLE, ids=SAMPLE_IDS)
 def test_sample_model_keeps_the_contract(name, kwargs, tmp_path):
     model = build(name, kwargs)
@@ -212,7 +208,6 @@ def test_sample_model_keeps_the_contract(name, kwargs, tmp_path):
     assert_bitwise_equal(original, snapshot(restored))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", [
     ("crossvit_tiny_240", dict(img_size=SIZE)),
     ("tnt_s_patch16_224", dict(depth=1)),
