@@ -4,7 +4,12 @@ GoPT's prompts depend on the input, so unlike LoRA they cannot be merged into th
 the whole segmenter (frozen blocks, prompters, head, upsampling) goes into one graph, with
 inputs ``rgb [B, 3, H, W]`` and ``aux [B, C_aux, H, W]`` and output ``logits [B, K, H, W]``.
 The batch axis is always dynamic; ``H`` and ``W`` are dynamic with ``dynamic_size=True``.
-Needs the ``export`` extra (``pip install gopt-adapter[export]``: onnx, onnxscript,
+
+An adapter with an aux-missing mode (trained with ``aux_dropout > 0``) keeps it in the graph:
+``aux_missing_input=True`` adds a third input ``aux_missing`` (bool ``[B]``; flagged samples use
+the stand-in tokens and logit offsets, exactly as ``segmenter(rgb, aux, aux_missing=...)``), and
+``rgb_only=True`` exports a graph whose only input is ``rgb`` (``segmenter(rgb)``), for a robot or
+a car whose second sensor may drop out. Needs the ``export`` extra (``pip install gopt-adapter[export]``: onnx, onnxscript,
 onnxruntime for the check).
 """
 
@@ -16,11 +21,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 
 from .atomic_files import atomic_write_bytes
+from .gopt_segmenter import GoptSegmenter
 from .segmenter import SegmenterBase
 
 INPUT_NAMES = ("rgb", "aux")
+MISSING_INPUT = "aux_missing"
 OUTPUT_NAME = "logits"
 #: Largest ``|onnxruntime - PyTorch|`` over fp32 logits that counts as parity.
 PARITY_TOLERANCE = 1e-4
@@ -42,6 +50,35 @@ def _check_size(image_size: tuple[int, int]) -> tuple[int, int]:
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
         raise ValueError(f"image_size must be two positive integers (H, W), got {image_size!r}")
     return size  # type: ignore[return-value]
+
+
+class _WithMissingFlags(nn.Module):
+    """``(rgb, aux, aux_missing) -> logits``: the graph of ``aux_missing_input=True``."""
+
+    def __init__(self, segmenter: GoptSegmenter) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, rgb: torch.Tensor, aux: torch.Tensor, aux_missing: torch.Tensor) -> torch.Tensor:
+        return self.segmenter(rgb, aux, aux_missing=aux_missing)
+
+
+class _RgbOnly(nn.Module):
+    """``rgb -> logits`` in the aux-missing mode: the graph of ``rgb_only=True``."""
+
+    def __init__(self, segmenter: GoptSegmenter) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.segmenter(rgb)
+
+
+def check_missing_mode(segmenter: SegmenterBase, flag: str) -> None:
+    """Raises ``ValueError`` naming ``flag`` unless the active adapter has an aux-missing mode."""
+    if not (isinstance(segmenter, GoptSegmenter) and segmenter.config.has_missing_mode):
+        raise ValueError(f"{flag} needs an adapter with an aux-missing mode (a GoPT adapter trained with "
+                         f"aux_dropout > 0); adapter {segmenter.active_adapter!r} has none")
 
 
 @contextmanager
@@ -66,17 +103,25 @@ def example_inputs(segmenter: SegmenterBase, image_size: tuple[int, int], batch:
 
 
 def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: tuple[int, int],
-                dynamic_size: bool = False, opset: int | None = None) -> Path:
+                dynamic_size: bool = False, opset: int | None = None, aux_missing_input: bool = False,
+                rgb_only: bool = False) -> Path:
     """Writes the active adapter's segmenter, in eval mode, as an ONNX model at ``path``.
 
     ``image_size`` ``(H, W)`` is the traced size (and the only one the graph takes unless
     ``dynamic_size``); with ``dynamic_size=True`` (backbones created with
     ``dynamic_img_size=True`` only) ``H`` and ``W`` become dynamic axes. ``opset``: the ONNX
-    opset (default: the exporter's). The file is written atomically; the segmenter's mode is
-    restored afterwards. Check the result with :func:`onnx_max_difference`.
+    opset (default: the exporter's). ``aux_missing_input`` adds the input ``aux_missing`` (bool
+    ``[B]``), ``rgb_only`` leaves ``rgb`` the only input; both need an adapter with an
+    aux-missing mode (``ValueError`` otherwise, before anything is traced). The file is written
+    atomically; the segmenter's mode is restored afterwards. Check the result with
+    :func:`onnx_max_difference`.
     """
     if not isinstance(segmenter, SegmenterBase):
         raise TypeError(f"export_onnx needs a segmenter (apply_gopt or a baseline), got {type(segmenter).__name__}")
+    if aux_missing_input and rgb_only:
+        raise ValueError("aux_missing_input and rgb_only choose different graphs; give one of them")
+    if aux_missing_input or rgb_only:
+        check_missing_mode(segmenter, "aux_missing_input" if aux_missing_input else "rgb_only")
     size = _check_size(image_size)
     spec = segmenter.spec
     spec.check_image_size(*size)
@@ -97,27 +142,45 @@ def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: t
     axes: dict[int, object] = {0: torch.export.Dim.DYNAMIC}
     if dynamic_size:
         axes.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+    model: nn.Module = segmenter
+    inputs: tuple[torch.Tensor, ...] = (rgb, aux)
+    names, shapes = list(INPUT_NAMES), [axes, axes]
+    if aux_missing_input:  # one sample of each kind in the traced batch, so no branch is specialised away
+        model, inputs = _WithMissingFlags(segmenter), (rgb, aux, torch.arange(rgb.shape[0], device=rgb.device) % 2 == 0)
+        names, shapes = [*INPUT_NAMES, MISSING_INPUT], [axes, axes, {0: torch.export.Dim.DYNAMIC}]
+    elif rgb_only:
+        model, inputs, names, shapes = _RgbOnly(segmenter), (rgb,), ["rgb"], [axes]
     with _eval_mode(segmenter), torch.no_grad():
-        program = torch.onnx.export(segmenter, (rgb, aux), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=(axes, axes), opset_version=opset, dynamo=True, verbose=False)
+        program = torch.onnx.export(model, inputs, input_names=names, output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=tuple(shapes), opset_version=opset, dynamo=True, verbose=False)
     atomic_write_bytes(path, program.model_proto.SerializeToString())
     return path
 
 
 def onnx_max_difference(path: str | os.PathLike, segmenter: SegmenterBase, rgb: torch.Tensor,
-                        aux: torch.Tensor) -> float:
-    """Largest ``|onnxruntime - PyTorch|`` over the logits of one input, CPU provider, eval mode."""
+                        aux: torch.Tensor | None = None, aux_missing: torch.Tensor | None = None) -> float:
+    """Largest ``|onnxruntime - PyTorch|`` over the logits of one input, CPU provider, eval mode.
+
+    Feeds the graph the inputs it has: ``aux_missing`` for a graph of ``aux_missing_input=True``,
+    ``rgb`` alone for one of ``rgb_only=True`` (compared with ``segmenter(rgb)``).
+    """
     require_module("onnxruntime")
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    graph_inputs = [node.name for node in session.get_inputs()]
+    if graph_inputs == ["rgb"]:
+        aux = aux_missing = None
+    elif MISSING_INPUT in graph_inputs and aux_missing is None:
+        raise ValueError("this graph takes aux_missing: give the bool [B] flags to compare with")
     with _eval_mode(segmenter), torch.no_grad():
-        expected = segmenter(rgb, aux).float().cpu()
-    feeds = {"rgb": rgb.detach().cpu().numpy(), "aux": aux.detach().cpu().numpy()}
+        expected = segmenter(rgb, aux, aux_missing=aux_missing).float().cpu()
+    given = {"rgb": rgb, "aux": aux, MISSING_INPUT: aux_missing}
+    feeds = {name: given[name].detach().cpu().numpy() for name in graph_inputs}
     (logits,) = session.run([OUTPUT_NAME], feeds)
     if tuple(logits.shape) != tuple(expected.shape):
         raise ValueError(f"ONNX logits {tuple(logits.shape)} differ in shape from PyTorch's {tuple(expected.shape)}")
     return float((torch.from_numpy(logits).float() - expected).abs().max())
 
 
-__all__ = ["PARITY_TOLERANCE", "export_onnx", "onnx_max_difference", "example_inputs"]
+__all__ = ["PARITY_TOLERANCE", "check_missing_mode", "example_inputs", "export_onnx", "onnx_max_difference"]

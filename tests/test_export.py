@@ -1,4 +1,4 @@
-"""ONNX export: onnxruntime matches PyTorch on three families, dynamic sizes, the CLI, errors."""
+"""ONNX export: onnxruntime matches PyTorch on three families, dynamic sizes, the aux-missing mode, the CLI, errors."""
 
 import os
 
@@ -45,6 +45,39 @@ def test_onnxruntime_matches_pytorch(tmp_path, family, options, size, dynamic, s
         assert onnx_max_difference(path, segmenter, *example_inputs(segmenter, second, batch=1, seed=5)) \
             < PARITY_TOLERANCE
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no temporary file left behind
+
+
+def test_the_aux_missing_mode_is_exported_as_a_flag_input_and_as_an_rgb_only_graph(tmp_path):
+    """``aux_missing_input``: a third input; on a batch mixing samples with and without aux the
+    graph matches ``segmenter(rgb, aux, aux_missing=...)``, and the flags change the logits.
+    ``rgb_only``: ``rgb`` is the only input and the graph matches ``segmenter(rgb)``."""
+    import onnxruntime
+
+    segmenter = trained("vit", aux_dropout=0.2)
+    with torch.no_grad():
+        segmenter.adapter.missing_logit_bias.copy_(torch.tensor([0.5, -0.5, 0.25, 0.0, 0.1]))
+    flagged = export_onnx(segmenter, tmp_path / "flags.onnx", (32, 48), aux_missing_input=True)
+    assert [i.name for i in onnx.load(str(flagged)).graph.input] == ["rgb", "aux", "aux_missing"]
+    rgb, aux = example_inputs(segmenter, (32, 48), batch=3, seed=2)
+    mixed = torch.tensor([True, False, True])
+    assert onnx_max_difference(flagged, segmenter, rgb, aux, mixed) < PARITY_TOLERANCE
+    session = onnxruntime.InferenceSession(str(flagged), providers=["CPUExecutionProvider"])
+    feeds = {"rgb": rgb.numpy(), "aux": aux.numpy()}
+    (present,) = session.run(["logits"], {**feeds, "aux_missing": torch.zeros(3, dtype=torch.bool).numpy()})
+    (absent,) = session.run(["logits"], {**feeds, "aux_missing": torch.ones(3, dtype=torch.bool).numpy()})
+    assert abs(present - absent).max() > 1e-2  # the flags reach the graph
+
+    rgb_only = export_onnx(segmenter, tmp_path / "rgb.onnx", (32, 48), rgb_only=True)
+    assert [i.name for i in onnx.load(str(rgb_only)).graph.input] == ["rgb"]
+    assert onnx_max_difference(rgb_only, segmenter, rgb) < PARITY_TOLERANCE
+
+    plain = trained("vit")
+    for flag in ("aux_missing_input", "rgb_only"):
+        with pytest.raises(ValueError, match=f"{flag} needs an adapter with an aux-missing mode"):
+            export_onnx(plain, tmp_path / "no.onnx", (32, 48), **{flag: True})
+    with pytest.raises(ValueError, match="give one of them"):
+        export_onnx(segmenter, tmp_path / "no.onnx", (32, 48), aux_missing_input=True, rgb_only=True)
+    assert not (tmp_path / "no.onnx").exists()
 
 
 def test_export_refuses_bad_requests_before_tracing(tmp_path):
@@ -96,6 +129,14 @@ def test_cli_exports_checks_parity_and_prints_the_difference(tmp_path, saved, ca
                                          "aux": torch.randn(3, 1, 32, 48).numpy()})
     assert logits.shape == (3, 4, 32, 48)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+@pytest.mark.parametrize("flag", ["--aux-missing-input", "--rgb-only"])
+def test_cli_refuses_the_missing_mode_flags_for_an_adapter_without_it_in_one_line(tmp_path, saved, capsys, flag):
+    assert main(["export", *saved, "--size", "32", "48", flag, "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {flag} needs an adapter with an aux-missing mode")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_writes_nothing_when_parity_fails(tmp_path, saved, capsys, monkeypatch):

@@ -259,7 +259,8 @@ def _add_export(commands) -> None:
         "export", help="export an adapter with its backbone as one ONNX model and check it against PyTorch",
         description="Rebuilds the backbone as gopt predict does (the adapter file's timm model plus --weights), "
                     "wraps it with the adapter and writes the segmenter (eval mode) as ONNX: inputs rgb [B, 3, H, W] "
-                    "and aux [B, C, H, W], output logits [B, K, H, W], the batch axis dynamic. Before reporting "
+                    "and aux [B, C, H, W] (with --aux-missing-input also aux_missing [B]; with --rgb-only rgb "
+                    "alone), output logits [B, K, H, W], the batch axis dynamic. Before reporting "
                     "success it runs ONNX Runtime (CPU) on a random input and prints the largest difference from "
                     "PyTorch's logits; the file is only written if that is within 1e-4. Needs the export extra: "
                     "pip install 'gopt-adapter[export]'.",
@@ -274,6 +275,12 @@ def _add_export(commands) -> None:
     ex.add_argument("--dynamic-size", action="store_true",
                     help="make H and W dynamic axes (backbones built with dynamic_img_size, as gopt predict does)")
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    missing = ex.add_mutually_exclusive_group()
+    missing.add_argument("--aux-missing-input", action="store_true",
+                         help="a third input aux_missing (bool [B]): flagged samples run in the adapter's aux-missing "
+                              "mode (adapters trained with aux_dropout > 0)")
+    missing.add_argument("--rgb-only", action="store_true",
+                         help="a graph whose only input is rgb, in the adapter's aux-missing mode")
     ex.add_argument("-o", "--out", required=True, help="the .onnx file to write (its folder must exist)")
     ex.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
@@ -786,6 +793,8 @@ def _export(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
+    import torch
+
     from ..adapter_file import read_adapter_file
     from ..export import PARITY_TOLERANCE, example_inputs, export_onnx, onnx_max_difference, require_module
     from .predict import parse_json_kwargs
@@ -802,6 +811,10 @@ def _export(args: argparse.Namespace) -> int:
         file = read_adapter_file(args.adapter)
     except AdapterError as exc:
         raise _adapter_error(exc) from None
+    flag = "--aux-missing-input" if args.aux_missing_input else "--rgb-only" if args.rgb_only else None
+    if flag and not file.config.has_missing_mode:
+        raise CliError(f"{flag} needs an adapter with an aux-missing mode, and {args.adapter} was trained with "
+                       "aux_dropout=0", "Export without the flag, or train with --set variant_options.aux_dropout=0.3")
     try:
         backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
     except ValueError as exc:
@@ -818,12 +831,15 @@ def _export(args: argparse.Namespace) -> int:
     os.close(fd)
     os.unlink(tmp)  # export_onnx creates it with the usual mode (mkstemp's is private)
     try:
-        export_onnx(segmenter, tmp, (height, width), dynamic_size=args.dynamic_size, opset=args.opset)
+        export_onnx(segmenter, tmp, (height, width), dynamic_size=args.dynamic_size, opset=args.opset,
+                    aux_missing_input=args.aux_missing_input, rgb_only=args.rgb_only)
         ph, pw = segmenter.spec.patch_size
         sizes = [(height, width)] + ([(height + ph, width + 2 * pw)] if args.dynamic_size else [])
         checks = []
         for size in sizes:
-            difference = onnx_max_difference(tmp, segmenter, *example_inputs(segmenter, size, seed=1))
+            rgb, aux = example_inputs(segmenter, size, batch=3, seed=1)
+            flags = torch.tensor([True, False, True]) if args.aux_missing_input else None  # a mixed batch
+            difference = onnx_max_difference(tmp, segmenter, rgb, aux, flags)
             checks.append(f"{difference:.2e} at {size[0]}x{size[1]}")
             if not difference <= PARITY_TOLERANCE:
                 raise CliError(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.3g} at "
@@ -832,10 +848,15 @@ def _export(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    print(f"wrote {out} ({_size(out.stat().st_size)}): inputs rgb [B, 3, {'H' if args.dynamic_size else height}, "
-          f"{'W' if args.dynamic_size else width}], aux [B, {file.config.aux_channels}, ...], output logits "
-          f"[B, {file.config.num_classes}, ...]")
-    print(f"parity with PyTorch (onnxruntime CPU, batch 2): max |difference| {', '.join(checks)}")
+    inputs = f"rgb [B, 3, {'H' if args.dynamic_size else height}, {'W' if args.dynamic_size else width}]"
+    if not args.rgb_only:
+        inputs += f", aux [B, {file.config.aux_channels}, ...]"
+    if args.aux_missing_input:
+        inputs += ", aux_missing [B] (bool)"
+    print(f"wrote {out} ({_size(out.stat().st_size)}): inputs {inputs}, output logits [B, {file.config.num_classes}, "
+          "...]")
+    batch = "batch 3, samples 1 and 3 without aux" if args.aux_missing_input else "batch 3"
+    print(f"parity with PyTorch (onnxruntime CPU, {batch}): max |difference| {', '.join(checks)}")
     return 0
 
 
