@@ -1,4 +1,4 @@
-"""The ``gopt`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``inspect``, ``export``.
+"""The ``gopt`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``inspect``, ``export``, ``bench``.
 
 Errors a person can act on (a missing or undecodable image, RGB and aux of different
 sizes, an adapter made for another backbone, a bad option, a training run that diverged,
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'gopt COMMAND --help' for the options of a command. --debug (anywhere): " + DEBUG_HELP + ".")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_inspect, _add_export):
+    for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_inspect, _add_export, _add_bench):
         add(commands)
     return parser
 
@@ -283,6 +283,35 @@ def _add_export(commands) -> None:
                          help="a graph whose only input is rgb, in the adapter's aux-missing mode")
     ex.add_argument("-o", "--out", required=True, help="the .onnx file to write (its folder must exist)")
     ex.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+
+def _add_bench(commands) -> None:
+    be = commands.add_parser(
+        "bench", help="measure an adapter's cost: parameters, GFLOPs, latency and peak memory",
+        description="Measures a segmenter as it runs (eval mode, random inputs of --size and --batch): trainable "
+                    "and total parameters, GFLOPs per image (torch.utils.flop_counter: matrix products and "
+                    "convolutions, 2 FLOPs per multiply-add), the median latency of a batch over --repeats after "
+                    "--warmup forwards, images/s, and peak memory (CUDA: max_memory_allocated; CPU: the process's "
+                    "peak RSS). The segmenter is an adapter file on its backbone (--adapter FILE --weights W), or a "
+                    "fresh GoPT adapter on a named timm backbone (--backbone NAME --random-init). --vs probe also "
+                    "measures the frozen backbone with the adapter's head alone on the same weights, and prints the "
+                    "ratios.",
+        epilog="example: gopt bench --adapter nyu.safetensors --weights mae.pth --size 480 640 --vs probe")
+    be.add_argument("--adapter", help="adapter file (.safetensors) to measure on its backbone")
+    _add_weights_options(be)
+    be.add_argument("--random-init", action="store_true",
+                    help="with --backbone and no --adapter: a randomly initialised backbone and a fresh GoPT adapter")
+    be.add_argument("--backbone-kwargs", metavar="JSON", help="timm.create_model arguments as a JSON object")
+    be.add_argument("--aux-channels", type=int, default=1, help="fresh adapter: aux channels (default 1)")
+    be.add_argument("--num-classes", type=int, default=40, help="fresh adapter: classes (default 40, NYUDv2's)")
+    be.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size (default 224 224)")
+    be.add_argument("--batch", type=int, default=1, help="batch of the timed forwards (default 1)")
+    be.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported (default 10)")
+    be.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default 3)")
+    be.add_argument("--vs", choices=("probe",), help="also measure this reference and print the ratios")
+    be.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    be.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    be.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
 
 # --------------------------------------------------------------------------- entry
@@ -860,7 +889,90 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+def _bench_models(args: argparse.Namespace, backbone_kwargs: dict | None):
+    """The segmenter to measure, a builder of a fresh copy of its backbone (for ``--vs``), and
+    its adapter's config."""
+    from ..adapter_file import read_adapter_file
+    from ..backbone import create_backbone
+    from ..gopt_segmenter import apply_gopt, backbone_for_adapter
+
+    if args.adapter:
+        try:
+            file = read_adapter_file(args.adapter)
+        except AdapterError as exc:
+            raise _adapter_error(exc) from None
+        segmenter, file = _restore(args, file, args.backbone, backbone_kwargs)
+        return segmenter, lambda: backbone_for_adapter(file, args.weights, args.backbone, backbone_kwargs), file.config
+    if not args.backbone or not (args.random_init or args.weights):
+        raise CliError("give --adapter FILE --weights W, or --backbone NAME with --random-init (or --weights)",
+                       "See gopt bench --help")
+    for name, value in (("--aux-channels", args.aux_channels), ("--num-classes", args.num_classes)):
+        if value < 1:
+            raise CliError(f"{name} {value} is not a positive count", "See gopt bench --help")
+
+    def build():
+        try:
+            return create_backbone(args.backbone, args.weights, backbone_kwargs)
+        except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+            raise CliError(f"cannot build backbone {args.backbone!r}: {' '.join(str(exc).split())[:300]}",
+                           "Check --backbone (a timm model name), its kwargs and --weights") from None
+
+    try:
+        segmenter = apply_gopt(build(), args.aux_channels, args.num_classes)
+    except TypeError as exc:  # not a ViT GoPT can wrap
+        raise CliError(str(exc), "Use a ViT backbone (see the supported list)") from None
+    return segmenter, build, segmenter.config
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..baselines import build_variant
+    from .bench import measure, ratios
+    from .predict import parse_json_kwargs
+
+    height, width = args.size
+    for name, value in (("--size", min(height, width)), ("--batch", args.batch), ("--repeats", args.repeats)):
+        if value < 1:
+            raise CliError(f"{name} must be positive, got {value}", "See gopt bench --help")
+    if args.warmup < 0:
+        raise CliError(f"--warmup must be >= 0, got {args.warmup}", "See gopt bench --help")
+    try:
+        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
+    except ValueError as exc:
+        raise CliError(str(exc), "See gopt bench --help") from None
+    device = _device(args.device)
+    segmenter, fresh_backbone, config = _bench_models(args, backbone_kwargs)
+    segmenter.spec.check_image_size(height, width)
+    settings = dict(size=(height, width), batch=args.batch, aux_channels=config.aux_channels, device=device,
+                    repeats=args.repeats, warmup=args.warmup)
+    record: dict[str, Any] = {"model": measure(segmenter, **settings), "size": [height, width], "batch": args.batch,
+                              "device": str(device), "repeats": args.repeats, "warmup": args.warmup}
+    if args.vs == "probe":
+        del segmenter
+        probe = build_variant("probe", fresh_backbone(), config.aux_channels, config.num_classes, head=config.head,
+                              head_channels=config.head_channels)  # the adapter's own head: the ratios are GoPT's
+        record["probe"] = measure(probe, **settings)
+        record["ratio_vs_probe"] = ratios(record["model"], record["probe"])
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    rows = [("model", record["model"])] + ([("probe", record["probe"])] if "probe" in record else [])
+    print(f"{height}x{width}, batch {args.batch}, {device}; latency: median of {args.repeats} after {args.warmup} "
+          f"warm-up forwards")
+    print(f"{'':8s} {'trainable':>12s} {'total':>13s} {'GFLOPs/img':>10s} {'ms/batch':>9s} {'img/s':>8s} "
+          f"{'peak MB':>9s}")
+    for name, m in rows:
+        print(f"{name:8s} {m['trainable_parameters']:>12,} {m['total_parameters']:>13,} {m['gflops_per_image']:>10.2f} "
+              f"{m['latency_ms']:>9.1f} {m['images_per_s']:>8.1f} {m['peak_memory_mb']:>9.0f}")
+    if "ratio_vs_probe" in record:
+        shown = ", ".join(f"{key} {value:.2f}x" for key, value in record["ratio_vs_probe"].items() if value is not None)
+        print(f"ratio vs probe: {shown}")
+    print(f"peak memory: {record['model']['peak_memory_kind']}")
+    return 0
+
+
 #: What runs each subcommand parsed by :func:`build_parser` (``train`` parses its own flags).
-HANDLERS = {"demo": _demo, "eval": _eval, "predict": _predict, "inspect": _inspect, "export": _export}
+HANDLERS = {"demo": _demo, "eval": _eval, "predict": _predict, "inspect": _inspect, "export": _export,
+            "bench": _bench}
 
 
