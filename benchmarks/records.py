@@ -21,9 +21,21 @@ from gopt_adapter.atomic_files import atomic_write_bytes
 from gopt_adapter.version import __version__
 
 
+#: Settings that change where a run logs, not what it computes: left out of fingerprints, so
+#: records made before they existed stay valid.
+LOGGING_ONLY = frozenset({"logger"})
+
+
+def _results_settings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _results_settings(item) for key, item in value.items() if key not in LOGGING_ONLY}
+    return value
+
+
 def fingerprint(settings: dict[str, Any], seed: int) -> str:
-    """What makes two runs the same run: the settings (JSON), the seed and the library version."""
-    blob = json.dumps({"settings": settings, "seed": seed, "version": __version__}, sort_keys=True)
+    """What makes two runs the same run: the settings (JSON; logging-only ones left out), the
+    seed and the library version."""
+    blob = json.dumps({"settings": _results_settings(settings), "seed": seed, "version": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

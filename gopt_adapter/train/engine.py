@@ -41,6 +41,7 @@ from ..atomic_files import atomic_write_bytes
 from ..inference import NO_TTA, TTAConfig, check_window, segment, size_multiple, tta_scores
 from .losses import LOSSES, OHEM_MIN_KEPT, OHEM_THRESH, build_loss, check_ohem_settings
 from .metrics import SegMetrics
+from .tensorboard import TENSORBOARD_FOLDER, TensorBoardLog, check_tensorboard
 from ..numerics import finite_flags, shown
 from ..errors import CheckpointError, NonFiniteError, UsageError
 from ..labels import IGNORE_INDEX
@@ -55,7 +56,9 @@ LOG_NAME = "log.jsonl"
 #: that stopped it). Every other field (``num_workers`` too: transforms draw from per-worker
 #: RNGs; ``amp``/``compile``/``grad_checkpointing``: numerics) must match.
 RESUME_FREE_FIELDS = frozenset({"eval_every", "eval_window", "eval_stride", "log_every", "progress",
-                                "max_nonfinite_steps"})
+                                "max_nonfinite_steps", "logger"})
+#: Where a run's log goes besides ``log.jsonl`` (which is always written).
+LOGGERS = ("jsonl", "tensorboard")
 NONFINITE_LOGGED_NAMES = 10  # parameter names in a "nonfinite" log record
 
 
@@ -86,6 +89,7 @@ class TrainConfig:
     loss: str = "ce"  # one of losses.LOSSES: "ce" (the paper's), "ce_weighted" (needs class_weights), "ohem"
     ohem_thresh: float = OHEM_THRESH  # ohem: pixels whose probability of their class is below this count...
     ohem_min_kept: int = OHEM_MIN_KEPT  # ...but at least this many per batch (the hardest)
+    logger: str = "jsonl"  # one of LOGGERS: "tensorboard" also writes TensorBoard event files (the tb extra)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
@@ -115,6 +119,10 @@ class TrainConfig:
         check_ohem_settings(self.ohem_thresh, self.ohem_min_kept)
         if self.loss != "ohem" and (self.ohem_thresh, self.ohem_min_kept) != (OHEM_THRESH, OHEM_MIN_KEPT):
             raise ValueError(f"ohem_thresh and ohem_min_kept need loss 'ohem' (the loss is {self.loss!r})")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"logger must be one of {LOGGERS}, got {self.logger!r}")
+        if self.logger == "tensorboard":
+            check_tensorboard()
 
 
 # ------------------------------------------------------------------ distributed
@@ -429,6 +437,7 @@ class Trainer:
         )
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         self.forward = self._build_forward(model)
+        self.board: TensorBoardLog | None = None  # opened by fit() with logger "tensorboard"
         self.epoch, self.step = 0, 0
         self.train_images, self.train_seconds = 0, 0.0  # over all ranks, for throughput
         self.wall_seconds = 0.0
@@ -536,6 +545,8 @@ class Trainer:
         if self.ctx.is_main:
             with open(self.log_path, "a") as handle:
                 handle.write(json_line(record) + "\n")
+            if self.board is not None:
+                self.board.record(record)
 
     def _restart_log(self) -> None:
         """Atomically cuts the log back to the records up to the current step and epoch (none
@@ -564,6 +575,9 @@ class Trainer:
             raise ValueError(f"until_epoch must be in 1..{config.epochs}, got {until_epoch!r}")
         resumed = resume and self.load_checkpoint()
         self._restart_log()
+        if config.logger == "tensorboard" and self.ctx.is_main and self.board is None:
+            self.board = TensorBoardLog(self.out_dir / TENSORBOARD_FOLDER)
+            self.board.settings(asdict(config))
         if resumed:
             self.log({"event": "resume", "epoch": self.epoch, "step": self.step})
         start, before = time.perf_counter(), self.wall_seconds
@@ -591,6 +605,9 @@ class Trainer:
         """
         self.ddp = None
         self.forward = self.model
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         gc.collect()  # the reducer sits in reference cycles with its hooks
 
     def evaluate(self) -> dict[str, Any]:
@@ -602,6 +619,8 @@ class Trainer:
     def _evaluate_and_log(self) -> None:
         self.metrics, self.metrics_epoch = self.evaluate(), self.epoch
         self.log({"event": "eval", "epoch": self.epoch, "step": self.step, **_scalars(self.metrics)})
+        if self.board is not None:
+            self.board.evaluation(self.metrics, self.step, getattr(self.val_set, "class_names", None))
         if self.config.progress and self.ctx.is_main:
             shown = " ".join(f"{k} {v:.4f}" for k, v in _scalars(self.metrics).items() if k in ("miou", "pixel_acc"))
             print(f"eval after epoch {self.epoch}/{self.config.epochs}: {shown}", file=sys.stderr, flush=True)
