@@ -15,6 +15,7 @@ onnxruntime for the check).
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,12 @@ MISSING_INPUT = "aux_missing"
 OUTPUT_NAME = "logits"
 #: Largest ``|onnxruntime - PyTorch|`` over fp32 logits that counts as parity.
 PARITY_TOLERANCE = 1e-4
+#: An fp16 graph against the fp32 PyTorch model: the largest difference over the logits, divided
+#: by the largest absolute fp32 logit, that counts as parity (fp16 keeps 11 significant bits, about
+#: 5e-4 relative per rounding; the blocks add up a few dozen roundings).
+FP16_RELATIVE_TOLERANCE = 5e-3
+#: Graph precisions: fp32, or fp16 (weights and activations; checked against the fp32 model).
+EXPORT_DTYPES = (torch.float32, torch.float16)
 #: Example batch of the traced graph; 2, not 1: ``torch.export`` fixes axes of size 1.
 TRACE_BATCH = 2
 
@@ -102,9 +109,18 @@ def example_inputs(segmenter: SegmenterBase, image_size: tuple[int, int], batch:
     return rgb.to(parameter.device, parameter.dtype), aux.to(parameter.device, parameter.dtype)
 
 
+def check_export_dtype(dtype: torch.dtype) -> None:
+    """Raises ``ValueError`` unless ``dtype`` is one of :data:`EXPORT_DTYPES`, with the reason for bf16."""
+    if dtype == torch.bfloat16:
+        raise ValueError("bf16 is not exported: onnxruntime's CPU provider has no bf16 kernels for the graph's "
+                         "operators, so the graph could be neither run nor checked; export fp16 or fp32")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+
+
 def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: tuple[int, int],
                 dynamic_size: bool = False, opset: int | None = None, aux_missing_input: bool = False,
-                rgb_only: bool = False) -> Path:
+                rgb_only: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """Writes the active adapter's segmenter, in eval mode, as an ONNX model at ``path``.
 
     ``image_size`` ``(H, W)`` is the traced size (and the only one the graph takes unless
@@ -112,12 +128,15 @@ def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: t
     ``dynamic_img_size=True`` only) ``H`` and ``W`` become dynamic axes. ``opset``: the ONNX
     opset (default: the exporter's). ``aux_missing_input`` adds the input ``aux_missing`` (bool
     ``[B]``), ``rgb_only`` leaves ``rgb`` the only input; both need an adapter with an
-    aux-missing mode (``ValueError`` otherwise, before anything is traced). The file is written
-    atomically; the segmenter's mode is restored afterwards. Check the result with
-    :func:`onnx_max_difference`.
+    aux-missing mode (``ValueError`` otherwise, before anything is traced). ``dtype=torch.float16``
+    writes an fp16 graph (weights, inputs and logits; a copy of the segmenter is converted, the
+    segmenter itself is left as it is); bf16 is refused (see :func:`check_export_dtype`). The file
+    is written atomically; the segmenter's mode is restored afterwards. Check the result with
+    :func:`onnx_max_difference` (fp16: ``relative=True`` against :data:`FP16_RELATIVE_TOLERANCE`).
     """
     if not isinstance(segmenter, SegmenterBase):
         raise TypeError(f"export_onnx needs a segmenter (apply_gopt or a baseline), got {type(segmenter).__name__}")
+    check_export_dtype(dtype)
     if aux_missing_input and rgb_only:
         raise ValueError("aux_missing_input and rgb_only choose different graphs; give one of them")
     if aux_missing_input or rgb_only:
@@ -138,19 +157,20 @@ def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: t
     for module in ("onnx", "onnxscript"):
         require_module(module)
 
-    rgb, aux = example_inputs(segmenter, size)
+    traced = segmenter if dtype == torch.float32 else copy.deepcopy(segmenter).to(dtype)
+    rgb, aux = example_inputs(traced, size)
     axes: dict[int, object] = {0: torch.export.Dim.DYNAMIC}
     if dynamic_size:
         axes.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
-    model: nn.Module = segmenter
+    model: nn.Module = traced
     inputs: tuple[torch.Tensor, ...] = (rgb, aux)
     names, shapes = list(INPUT_NAMES), [axes, axes]
     if aux_missing_input:  # one sample of each kind in the traced batch, so no branch is specialised away
-        model, inputs = _WithMissingFlags(segmenter), (rgb, aux, torch.arange(rgb.shape[0], device=rgb.device) % 2 == 0)
+        model, inputs = _WithMissingFlags(traced), (rgb, aux, torch.arange(rgb.shape[0], device=rgb.device) % 2 == 0)
         names, shapes = [*INPUT_NAMES, MISSING_INPUT], [axes, axes, {0: torch.export.Dim.DYNAMIC}]
     elif rgb_only:
-        model, inputs, names, shapes = _RgbOnly(segmenter), (rgb,), ["rgb"], [axes]
-    with _eval_mode(segmenter), torch.no_grad():
+        model, inputs, names, shapes = _RgbOnly(traced), (rgb,), ["rgb"], [axes]
+    with _eval_mode(traced), torch.no_grad():
         program = torch.onnx.export(model, inputs, input_names=names, output_names=[OUTPUT_NAME],
                                     dynamic_shapes=tuple(shapes), opset_version=opset, dynamo=True, verbose=False)
     atomic_write_bytes(path, program.model_proto.SerializeToString())
@@ -158,11 +178,15 @@ def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: t
 
 
 def onnx_max_difference(path: str | os.PathLike, segmenter: SegmenterBase, rgb: torch.Tensor,
-                        aux: torch.Tensor | None = None, aux_missing: torch.Tensor | None = None) -> float:
-    """Largest ``|onnxruntime - PyTorch|`` over the logits of one input, CPU provider, eval mode.
+                        aux: torch.Tensor | None = None, aux_missing: torch.Tensor | None = None,
+                        relative: bool = False) -> float:
+    """Largest ``|onnxruntime - PyTorch|`` over the logits of one input, CPU provider, eval mode
+    (with ``relative``, divided by the largest absolute PyTorch logit).
 
-    Feeds the graph the inputs it has: ``aux_missing`` for a graph of ``aux_missing_input=True``,
-    ``rgb`` alone for one of ``rgb_only=True`` (compared with ``segmenter(rgb)``).
+    Feeds the graph the inputs it has, in the precision it takes (an fp16 graph gets the inputs
+    rounded to fp16 and is compared with the segmenter as it is, fp32): ``aux_missing`` for a
+    graph of ``aux_missing_input=True``, ``rgb`` alone for one of ``rgb_only=True`` (compared with
+    ``segmenter(rgb)``).
     """
     require_module("onnxruntime")
     import onnxruntime
@@ -176,11 +200,14 @@ def onnx_max_difference(path: str | os.PathLike, segmenter: SegmenterBase, rgb: 
     with _eval_mode(segmenter), torch.no_grad():
         expected = segmenter(rgb, aux, aux_missing=aux_missing).float().cpu()
     given = {"rgb": rgb, "aux": aux, MISSING_INPUT: aux_missing}
-    feeds = {name: given[name].detach().cpu().numpy() for name in graph_inputs}
+    half = {node.name for node in session.get_inputs() if node.type == "tensor(float16)"}
+    feeds = {name: (given[name].half() if name in half else given[name]).detach().cpu().numpy() for name in graph_inputs}
     (logits,) = session.run([OUTPUT_NAME], feeds)
     if tuple(logits.shape) != tuple(expected.shape):
         raise ValueError(f"ONNX logits {tuple(logits.shape)} differ in shape from PyTorch's {tuple(expected.shape)}")
-    return float((torch.from_numpy(logits).float() - expected).abs().max())
+    difference = float((torch.from_numpy(logits).float() - expected).abs().max())
+    return difference / max(float(expected.abs().max()), 1e-12) if relative else difference
 
 
-__all__ = ["PARITY_TOLERANCE", "check_missing_mode", "example_inputs", "export_onnx", "onnx_max_difference"]
+__all__ = ["EXPORT_DTYPES", "FP16_RELATIVE_TOLERANCE", "PARITY_TOLERANCE", "check_export_dtype", "check_missing_mode",
+           "example_inputs", "export_onnx", "onnx_max_difference"]

@@ -8,7 +8,7 @@ import torch
 
 from gopt_adapter import apply_gopt, export_onnx, save_adapter
 from gopt_adapter.cli.commands import main
-from gopt_adapter.export import PARITY_TOLERANCE, example_inputs, onnx_max_difference
+from gopt_adapter.export import FP16_RELATIVE_TOLERANCE, PARITY_TOLERANCE, example_inputs, onnx_max_difference
 from gopt_adapter.atomic_files import write_tensors
 from conftest import make_backbone, perturb_adapter
 
@@ -80,6 +80,24 @@ def test_the_aux_missing_mode_is_exported_as_a_flag_input_and_as_an_rgb_only_gra
     assert not (tmp_path / "no.onnx").exists()
 
 
+def test_an_fp16_graph_matches_the_fp32_model_within_its_stated_tolerance(tmp_path):
+    """``dtype=torch.float16``: fp16 inputs and logits, within FP16_RELATIVE_TOLERANCE (0.5% of the
+    largest logit) of the fp32 PyTorch model, which is left in fp32; bf16 is refused with its reason."""
+    segmenter = trained("vit")
+    before = {name: p.dtype for name, p in segmenter.named_parameters()}
+    path = export_onnx(segmenter, tmp_path / "half.onnx", (32, 48), dtype=torch.float16)
+    graph = onnx.load(str(path)).graph
+    assert {i.type.tensor_type.elem_type for i in graph.input} == {onnx.TensorProto.FLOAT16}
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    difference = onnx_max_difference(path, segmenter, *example_inputs(segmenter, (32, 48), batch=3, seed=3),
+                                     relative=True)
+    assert difference < FP16_RELATIVE_TOLERANCE, difference
+    assert {name: p.dtype for name, p in segmenter.named_parameters()} == before
+    with pytest.raises(ValueError, match="bf16 is not exported: onnxruntime's CPU provider"):
+        export_onnx(segmenter, tmp_path / "bf16.onnx", (32, 48), dtype=torch.bfloat16)
+    assert not (tmp_path / "bf16.onnx").exists()
+
+
 def test_export_refuses_bad_requests_before_tracing(tmp_path):
     segmenter = trained("vit")
     with pytest.raises(TypeError, match="export_onnx needs a segmenter"):
@@ -139,11 +157,18 @@ def test_cli_refuses_the_missing_mode_flags_for_an_adapter_without_it_in_one_lin
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_cli_refuses_bf16_in_one_line_with_the_reason(tmp_path, saved, capsys):
+    assert main(["export", *saved, "--size", "32", "48", "--dtype", "bf16", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "onnxruntime's CPU provider" in err and "--dtype fp16" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_cli_writes_nothing_when_parity_fails(tmp_path, saved, capsys, monkeypatch):
     import gopt_adapter.export as export
 
     monkeypatch.setattr(export, "export_onnx", lambda segmenter, path, *a, **k: open(path, "wb").write(b"x"))
-    monkeypatch.setattr(export, "onnx_max_difference", lambda *a: 0.5)
+    monkeypatch.setattr(export, "onnx_max_difference", lambda *a, **k: 0.5)
     (tmp_path / "m.onnx").write_bytes(b"old")
     assert main(["export", *saved, "--size", "32", "48", "-o", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()

@@ -275,6 +275,9 @@ def _add_export(commands) -> None:
     ex.add_argument("--dynamic-size", action="store_true",
                     help="make H and W dynamic axes (backbones built with dynamic_img_size, as gopt predict does)")
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                    help="precision of the graph (default fp32); fp16 is checked against the fp32 model within 0.5%% "
+                         "of the largest logit; bf16 is refused (onnxruntime's CPU provider cannot run it)")
     missing = ex.add_mutually_exclusive_group()
     missing.add_argument("--aux-missing-input", action="store_true",
                          help="a third input aux_missing (bool [B]): flagged samples run in the adapter's aux-missing "
@@ -825,7 +828,15 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from ..adapter_file import read_adapter_file
-    from ..export import PARITY_TOLERANCE, example_inputs, export_onnx, onnx_max_difference, require_module
+    from ..export import (
+        FP16_RELATIVE_TOLERANCE,
+        PARITY_TOLERANCE,
+        check_export_dtype,
+        example_inputs,
+        export_onnx,
+        onnx_max_difference,
+        require_module,
+    )
     from .predict import parse_json_kwargs
 
     height, width = args.size
@@ -840,6 +851,11 @@ def _export(args: argparse.Namespace) -> int:
         file = read_adapter_file(args.adapter)
     except AdapterError as exc:
         raise _adapter_error(exc) from None
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        check_export_dtype(dtype)
+    except ValueError as exc:
+        raise CliError(str(exc), "Give --dtype fp16 or fp32") from None
     flag = "--aux-missing-input" if args.aux_missing_input else "--rgb-only" if args.rgb_only else None
     if flag and not file.config.has_missing_mode:
         raise CliError(f"{flag} needs an adapter with an aux-missing mode, and {args.adapter} was trained with "
@@ -861,18 +877,21 @@ def _export(args: argparse.Namespace) -> int:
     os.unlink(tmp)  # export_onnx creates it with the usual mode (mkstemp's is private)
     try:
         export_onnx(segmenter, tmp, (height, width), dynamic_size=args.dynamic_size, opset=args.opset,
-                    aux_missing_input=args.aux_missing_input, rgb_only=args.rgb_only)
+                    aux_missing_input=args.aux_missing_input, rgb_only=args.rgb_only, dtype=dtype)
+        relative = dtype == torch.float16  # against the fp32 model: relative to its largest logit
+        tolerance = FP16_RELATIVE_TOLERANCE if relative else PARITY_TOLERANCE
         ph, pw = segmenter.spec.patch_size
         sizes = [(height, width)] + ([(height + ph, width + 2 * pw)] if args.dynamic_size else [])
         checks = []
         for size in sizes:
             rgb, aux = example_inputs(segmenter, size, batch=3, seed=1)
             flags = torch.tensor([True, False, True]) if args.aux_missing_input else None  # a mixed batch
-            difference = onnx_max_difference(tmp, segmenter, rgb, aux, flags)
-            checks.append(f"{difference:.2e} at {size[0]}x{size[1]}")
-            if not difference <= PARITY_TOLERANCE:
-                raise CliError(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.3g} at "
-                               f"{size[0]}x{size[1]} (tolerance {PARITY_TOLERANCE:g}); nothing was written",
+            difference = onnx_max_difference(tmp, segmenter, rgb, aux, flags, relative=relative)
+            checks.append(f"{difference:.2e}{' of the largest logit' if relative else ''} at {size[0]}x{size[1]}")
+            if not difference <= tolerance:
+                raise CliError(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.3g}"
+                               f"{' of the largest logit' if relative else ''} at {size[0]}x{size[1]} (tolerance "
+                               f"{tolerance:g}); nothing was written",
                                "Run with --debug and report it, with the backbone name and torch/onnx versions")
         os.replace(tmp, out)
     finally:
@@ -882,8 +901,8 @@ def _export(args: argparse.Namespace) -> int:
         inputs += f", aux [B, {file.config.aux_channels}, ...]"
     if args.aux_missing_input:
         inputs += ", aux_missing [B] (bool)"
-    print(f"wrote {out} ({_size(out.stat().st_size)}): inputs {inputs}, output logits [B, {file.config.num_classes}, "
-          "...]")
+    print(f"wrote {out} ({_size(out.stat().st_size)}, {args.dtype}): inputs {inputs}, output logits "
+          f"[B, {file.config.num_classes}, ...]")
     batch = "batch 3, samples 1 and 3 without aux" if args.aux_missing_input else "batch 3"
     print(f"parity with PyTorch (onnxruntime CPU, {batch}): max |difference| {', '.join(checks)}")
     return 0
