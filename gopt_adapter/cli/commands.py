@@ -262,7 +262,7 @@ def _add_export(commands) -> None:
                     "and aux [B, C, H, W] (with --aux-missing-input also aux_missing [B]; with --rgb-only rgb "
                     "alone), output logits [B, K, H, W], the batch axis dynamic. Before reporting "
                     "success it runs ONNX Runtime (CPU) on a random input and prints the largest difference from "
-                    "PyTorch's logits; the file is only written if that is within 1e-4 (--dtype fp16: within 0.5%% of the "
+                    "PyTorch's logits; the file is only written if that is within 1e-4 (--dtype fp16: within 0.5% of the "
                     "largest fp32 logit). Needs the export extra: "
                     "pip install 'gopt-adapter[export]'.",
         epilog="example: gopt export --weights mae.pth --adapter nyu.safetensors --size 480 640 --dynamic-size "
