@@ -577,7 +577,8 @@ class Trainer:
         self._restart_log()
         if config.logger == "tensorboard" and self.ctx.is_main and self.board is None:
             self.board = TensorBoardLog(self.out_dir / TENSORBOARD_FOLDER)
-            self.board.settings(asdict(config))
+            if not resumed:  # once per run: a resumed run appends to the same event files
+                self.board.settings(asdict(config))
         if resumed:
             self.log({"event": "resume", "epoch": self.epoch, "step": self.step})
         start, before = time.perf_counter(), self.wall_seconds
