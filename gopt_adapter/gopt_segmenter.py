@@ -398,7 +398,8 @@ def _load_checked(adapter: GoptAdapter, file: AdapterFile) -> None:
     adapter.class_names = file.class_names
 
 
-__all__ = ["GoptSegmenter", "PromptedBlock", "apply_gopt", "backbone_for_adapter", "load_adapter", "remove_gopt",
+__all__ = ["GoptSegmenter", "PromptedBlock", "apply_gopt", "backbone_for_adapter", "build_backbone", "load_adapter",
+           "remove_gopt",
            "restore_segmenter", "save_adapter"]
 
 
@@ -419,6 +420,15 @@ def backbone_for_adapter(file: AdapterFile, weights: str | os.PathLike | None = 
         raise BackboneUnnamedError(f"{file.path}: the adapter file records no timm model name (written by gopt-adapter "
                            f"{file.library_version}); give the backbone's name")
     kwargs = backbone_kwargs if backbone_kwargs is not None else dict(file.backbone_kwargs or {})
+    return build_backbone(name, weights, kwargs, pretrained)
+
+
+def build_backbone(name: str, weights: str | os.PathLike | None = None, backbone_kwargs: dict[str, Any] | None = None,
+                   pretrained: bool = False) -> nn.Module:
+    """:func:`~gopt_adapter.backbone.create_backbone` with timm's errors for a name, kwargs or
+    weights that do not fit turned into one :class:`BackboneBuildError` naming all three
+    (``FileNotFoundError`` for a missing weights file passes as it is)."""
+    kwargs = dict(backbone_kwargs or {})
     try:
         return create_backbone(name, weights, kwargs, pretrained=pretrained)
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as exc:  # timm's, for weights that do not fit

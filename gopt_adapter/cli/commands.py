@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..preprocessing import AUX_NORMALIZATIONS
 
+DEVICE_HELP = "cpu, cuda, cuda:1 (default: cuda when available)"
 DEBUG_HELP = "show the full traceback of an error (accepted anywhere on the command line)"
 TTA_SCALES_HELP = "0.75 1 1.25"  # TTAConfig's default scales (a test checks), named without importing torch
 
@@ -65,6 +66,22 @@ def _add_weights_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--backbone", help="timm model name (default: the one recorded in the adapter file)")
     sub.add_argument("--allow-backbone-mismatch", action="store_true",
                      help="run even if the backbone weights differ from those the adapter was trained on")
+
+
+def _add_backbone_kwargs(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--backbone-kwargs", metavar="JSON",
+                     help="timm.create_model arguments as a JSON object, replacing those recorded in the adapter file, "
+                          "e.g. '{\"embed_dim\":32,\"depth\":2,\"num_heads\":2}'")
+
+
+def _backbone_kwargs(args: argparse.Namespace) -> dict | None:
+    """``--backbone-kwargs`` parsed (``None`` when not given); a bad JSON object is one error line."""
+    from .predict import parse_json_kwargs
+
+    try:
+        return parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
+    except ValueError as exc:
+        raise CliError(str(exc), f"See gopt {args.command} --help") from None
 
 
 def _add_window_options(sub: argparse.ArgumentParser) -> None:
@@ -136,7 +153,7 @@ def build_train_parser(prog: str = "gopt train") -> argparse.ArgumentParser:
                         help="override a setting, JSON value, dotted key: train.epochs=2, "
                              "dataset_options.mode=\"thermal\", variant_options.hidden_dim=16 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output (default: live bars on a terminal, else a line every log_every steps)")
     return parser
@@ -176,7 +193,7 @@ def _add_eval(commands) -> None:
                          "hatched (mmseg's --show-dir; the TTA prediction with --tta), and DIR/confusion.csv and "
                          "confusion.png, row-normalised")
     ev.add_argument("--show-worst", type=int, metavar="N", help="--show-dir: panels of only the N images of lowest mIoU")
-    ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ev.add_argument("--device", help=DEVICE_HELP)
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
@@ -210,9 +227,7 @@ the logits are cropped back to the input size.""",
     pr.add_argument("-o", "--out", required=True, help="output folder (created; must not be a file)")
     pr.add_argument("--pairs-dir", metavar="DIR", help="folder of pairs: rgb/ + aux/ matched by stem (see above)")
     _add_weights_options(pr)
-    pr.add_argument("--backbone-kwargs", metavar="JSON",
-                    help="timm.create_model arguments as a JSON object, replacing those recorded in the adapter file, "
-                         "e.g. '{\"embed_dim\":32,\"depth\":2,\"num_heads\":2}'")
+    _add_backbone_kwargs(pr)
     pr.add_argument("--adapter", required=True, help="adapter file (.safetensors) written by save_adapter")
     pr.add_argument("--class-names", metavar="NAMES",
                     help="comma-separated names, or a dataset whose names to use (nyudv2, sunrgbd, mfnet, pst900, "
@@ -236,7 +251,7 @@ the logits are cropped back to the input size.""",
                     help="legend of the classes in the prediction (default) or of all classes")
     pr.add_argument("--alpha", type=float, default=0.6, help="opacity of the class colours in the overlay (0-1)")
     _add_window_options(pr)
-    pr.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    pr.add_argument("--device", help=DEVICE_HELP)
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
@@ -269,8 +284,7 @@ def _add_export(commands) -> None:
                "-o nyu.onnx")
     ex.add_argument("--adapter", required=True, help="adapter file (.safetensors) written by save_adapter")
     _add_weights_options(ex)
-    ex.add_argument("--backbone-kwargs", metavar="JSON",
-                    help="timm.create_model arguments as a JSON object, replacing those recorded in the adapter file")
+    _add_backbone_kwargs(ex)
     ex.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
                     help="image size of the graph (the traced size with --dynamic-size)")
     ex.add_argument("--dynamic-size", action="store_true",
@@ -305,7 +319,7 @@ def _add_bench(commands) -> None:
     _add_weights_options(be)
     be.add_argument("--random-init", action="store_true",
                     help="with --backbone and no --adapter: a randomly initialised backbone and a fresh GoPT adapter")
-    be.add_argument("--backbone-kwargs", metavar="JSON", help="timm.create_model arguments as a JSON object")
+    _add_backbone_kwargs(be)
     be.add_argument("--aux-channels", type=int, default=1, help="fresh adapter: aux channels (default 1)")
     be.add_argument("--num-classes", type=int, default=40, help="fresh adapter: classes (default 40, NYUDv2's)")
     be.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size (default 224 224)")
@@ -313,7 +327,7 @@ def _add_bench(commands) -> None:
     be.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported (default 10)")
     be.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default 3)")
     be.add_argument("--vs", choices=("probe",), help="also measure this reference and print the ratios")
-    be.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    be.add_argument("--device", help=DEVICE_HELP)
     be.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     be.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
@@ -475,6 +489,13 @@ def _train(rest: list[str], prog: str = "gopt train") -> int:
     return 0
 
 
+def _backbone_error(exc: FileNotFoundError | BackboneBuildError) -> CliError:
+    """The advice for a backbone that cannot be built from --backbone, its kwargs and --weights."""
+    if isinstance(exc, FileNotFoundError):
+        return CliError(str(exc), "Check the --weights path")
+    return CliError(str(exc), "Check --backbone (a timm model name), its kwargs and that --weights belong to that model")
+
+
 def _restore(args: argparse.Namespace, file, backbone: str | None, backbone_kwargs: dict | None,
              seed: int | None = None, options: str = "--backbone, --backbone-kwargs and --weights"):
     """The adapter's segmenter rebuilt from the file plus ``--weights``, errors as one line."""
@@ -482,11 +503,8 @@ def _restore(args: argparse.Namespace, file, backbone: str | None, backbone_kwar
 
     try:
         return restore_segmenter(file, args.weights, backbone, backbone_kwargs, args.allow_backbone_mismatch, seed)
-    except FileNotFoundError as exc:
-        raise CliError(str(exc), "Check the --weights path") from None
-    except BackboneBuildError as exc:
-        raise CliError(str(exc), "Check --backbone (a timm model name), its kwargs and that --weights belong to "
-                                 "that model") from None
+    except (FileNotFoundError, BackboneBuildError) as exc:
+        raise _backbone_error(exc) from None
     except AdapterError as exc:
         raise _adapter_error(exc, options, bool(args.weights)) from None
     except TypeError as exc:  # not a ViT GoPT can wrap
@@ -615,7 +633,6 @@ def _predict(args: argparse.Namespace) -> int:
     from ..train.engine import terminal_progress
     from .predict import (
         find_pairs,
-        parse_json_kwargs,
         predict_labels,
         read_pair,
         resolve_class_names,
@@ -656,10 +673,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise CliError(str(exc), f"give {config.num_classes} comma-separated names or the dataset the adapter was "
                                  "trained on") from None
     preprocessing, source = _preprocessing(args, file)
-    try:
-        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
-    except ValueError as exc:
-        raise CliError(str(exc), "See gopt predict --help") from None
+    backbone_kwargs = _backbone_kwargs(args)
     device = _device(args.device)
 
     def read(rgb_path: Path, aux_path: Path | None):
@@ -838,7 +852,6 @@ def _export(args: argparse.Namespace) -> int:
         onnx_max_difference,
         require_module,
     )
-    from .predict import parse_json_kwargs
 
     height, width = args.size
     if height < 1 or width < 1:
@@ -861,10 +874,7 @@ def _export(args: argparse.Namespace) -> int:
     if flag and not file.config.has_missing_mode:
         raise CliError(f"{flag} needs an adapter with an aux-missing mode, and {args.adapter} was trained with "
                        "aux_dropout=0", "Export without the flag, or train with --set variant_options.aux_dropout=0.3")
-    try:
-        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
-    except ValueError as exc:
-        raise CliError(str(exc), "See gopt export --help") from None
+    backbone_kwargs = _backbone_kwargs(args)
     try:
         for module in ("onnx", "onnxscript", "onnxruntime"):  # before any work: the check needs all three
             require_module(module)
@@ -914,8 +924,7 @@ def _bench_models(args: argparse.Namespace, backbone_kwargs: dict | None):
     """The segmenter to measure, a builder of a fresh copy of its backbone (for ``--vs``), and
     its adapter's config."""
     from ..adapter_file import read_adapter_file
-    from ..backbone import create_backbone
-    from ..gopt_segmenter import apply_gopt, backbone_for_adapter
+    from ..gopt_segmenter import apply_gopt, backbone_for_adapter, build_backbone
 
     if args.adapter:
         try:
@@ -933,10 +942,9 @@ def _bench_models(args: argparse.Namespace, backbone_kwargs: dict | None):
 
     def build():
         try:
-            return create_backbone(args.backbone, args.weights, backbone_kwargs)
-        except (RuntimeError, TypeError, ValueError, KeyError) as exc:
-            raise CliError(f"cannot build backbone {args.backbone!r}: {' '.join(str(exc).split())[:300]}",
-                           "Check --backbone (a timm model name), its kwargs and --weights") from None
+            return build_backbone(args.backbone, args.weights, backbone_kwargs)
+        except (FileNotFoundError, BackboneBuildError) as exc:
+            raise _backbone_error(exc) from None
 
     try:
         segmenter = apply_gopt(build(), args.aux_channels, args.num_classes)
@@ -948,7 +956,6 @@ def _bench_models(args: argparse.Namespace, backbone_kwargs: dict | None):
 def _bench(args: argparse.Namespace) -> int:
     from ..baselines import build_variant
     from .bench import measure, ratios
-    from .predict import parse_json_kwargs
 
     height, width = args.size
     for name, value in (("--size", min(height, width)), ("--batch", args.batch), ("--repeats", args.repeats)):
@@ -956,10 +963,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise CliError(f"{name} must be positive, got {value}", "See gopt bench --help")
     if args.warmup < 0:
         raise CliError(f"--warmup must be >= 0, got {args.warmup}", "See gopt bench --help")
-    try:
-        backbone_kwargs = parse_json_kwargs(args.backbone_kwargs) if args.backbone_kwargs else None
-    except ValueError as exc:
-        raise CliError(str(exc), "See gopt bench --help") from None
+    backbone_kwargs = _backbone_kwargs(args)
     device = _device(args.device)
     segmenter, fresh_backbone, config = _bench_models(args, backbone_kwargs)
     segmenter.spec.check_image_size(height, width)
