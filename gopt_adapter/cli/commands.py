@@ -986,7 +986,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{'':8s} {'trainable':>12s} {'total':>13s} {'GFLOPs/img':>10s} {'ms/batch':>9s} {'img/s':>8s} "
           f"{'peak MB':>9s}")
     for name, m in rows:
-        print(f"{name:8s} {m['trainable_parameters']:>12,} {m['total_parameters']:>13,} {m['gflops_per_image']:>10.2f} "
+        print(f"{name:8s} {m['trainable_parameters']:>12,} {m['total_parameters']:>13,} {m['gflops_per_image']:>10.3g} "
               f"{m['latency_ms']:>9.1f} {m['images_per_s']:>8.1f} {m['peak_memory_mb']:>9.0f}")
     if "ratio_vs_probe" in record:
         shown = ", ".join(f"{key} {value:.2f}x" for key, value in record["ratio_vs_probe"].items() if value is not None)
