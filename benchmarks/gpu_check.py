@@ -49,9 +49,10 @@ import torch.nn.functional as F
 
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.atomic_files import atomic_write_bytes
+from gopt_adapter.cli.bench import timed_call
 
 from .markdown import invocation, write_section
-from .perf import measure_swaps, median_time
+from .perf import measure_swaps
 
 TRAIN_VARIANTS = ("gopt", "gopt_shallow", "vpt_shallow", "vpt_deep", "lora", "fft_early")
 INFER_VARIANTS = ("lower_bound", "gopt", "vpt_deep", "lora")
@@ -121,7 +122,7 @@ def sync(device: torch.device) -> None:
 
 
 def median_s(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    return statistics.median(median_time(fn, device) for _ in range(repeats))
+    return statistics.median(timed_call(fn, device) for _ in range(repeats))
 
 
 def build(name: str, base: torch.nn.Module, num_classes: int, device: torch.device) -> torch.nn.Module:
@@ -154,7 +155,7 @@ def measure_training(forward: Callable, model: torch.nn.Module, inputs, device: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    first = median_time(step, device)
+    first = timed_call(step, device)
     step()  # warm-up (optimizer state exists from here)
     seconds = median_s(step, device, repeats)
     record = {"first_step_s": first, "step_ms": 1e3 * seconds, "images_per_s": rgb.shape[0] / seconds}
@@ -183,7 +184,7 @@ def measure_inference(forward: Callable, model: torch.nn.Module, one, many, devi
             if key == "bN" and budget is not None and not budget.allows(1.3 * record["b1"]["first_call_s"] + 5):
                 record["bN"] = {"skipped": "time budget"}
                 continue
-            first = median_time(lambda: forward(rgb, aux), device)
+            first = timed_call(lambda: forward(rgb, aux), device)
             forward(rgb, aux)
             seconds = median_s(lambda: forward(rgb, aux), device, repeats)
             record[key] = {"batch": rgb.shape[0], "first_call_s": first, "ms": 1e3 * seconds,

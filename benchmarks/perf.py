@@ -4,11 +4,17 @@
     python -m benchmarks.perf --quick                                       # vit_tiny at 224x224
 
 For each variant: trainable parameters, adapter size (bytes of the trained tensors as one
-safetensors file), inference forward time as a ratio to the lower bound (frozen backbone +
-head, no prompter; batch 1), training step time (forward, loss, backward, AdamW step) and
+safetensors file), GFLOPs per image and inference forward time as a ratio to the lower bound
+(batch 1), training step time (forward, loss, backward, AdamW step) and
 training memory as ratios to full fine-tuning (batch 2 on CPU), and the adapter swap times
 (``load_adapter`` of a saved adapter onto the resident backbone, ``set_adapter`` between two
 resident adapters). Timings are medians of interleaved repeats after warm-up.
+
+The inference columns are ``gopt bench``'s (``gopt_adapter.cli.bench``): its FLOP count, its
+timed forward (no gradients), and its ``--vs probe`` reference as the lower bound, the frozen
+backbone with GoPT's head on RGB and no prompter. So a wheel's ``gopt bench --vs probe`` measures
+what this table's GoPT row shows, one variant at a time; this command interleaves the variants
+round by round instead, so that a noisy machine slows them alike.
 
 Training memory on CPU is counted, not sampled: bytes of the tensors autograd saves for
 backward (unique storages, the model's own weights and buffers left out: they are resident
@@ -34,17 +40,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 
 from gopt_adapter import count_parameters, load_adapter, save_adapter
-from gopt_adapter.baselines import TwoStreamSegmenter, build_variant
+from gopt_adapter.baselines import build_variant
+from gopt_adapter.cli.bench import gflops_per_image, timed_call
 from gopt_adapter.train.engine import trainable_state_dict
 from gopt_adapter.atomic_files import tensors_bytes
-from gopt_adapter.segmenter import SegmenterBase
 
 from .markdown import invocation, write_section
 
@@ -60,6 +65,7 @@ class Row:
     forward_s: list[float]
     step_s: list[float]
     memory_bytes: int = 0
+    gflops: float = 0.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,16 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.model, args.size = "vit_tiny_patch16_224", (224, 224)
     return args
-
-
-def median_time(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def counted_training_memory(model: torch.nn.Module, rgb, aux, target) -> int:
@@ -123,16 +119,14 @@ def main(argv=None) -> None:
     for name in args.variants:
         model = build_variant(name, copy.deepcopy(base), 1, args.num_classes).to(device)
         params = count_parameters(model)
-        rows.append(Row(name, model, params.trainable, len(tensors_bytes(trainable_state_dict(model))), [], []))
-    # the two-stream FFT has no single-stream pass to time as the frozen backbone
-    lower_bound = next((row.model for row in rows if isinstance(row.model, SegmenterBase)
-                        and not isinstance(row.model, TwoStreamSegmenter)), None)
-    frozen_forward: list[float] = []
+        rows.append(Row(name, model, params.trainable, len(tensors_bytes(trainable_state_dict(model))), [], [],
+                        gflops=gflops_per_image(model.eval(), rgb1, aux1)))
+    # the lower bound is what ``gopt bench --vs probe`` measures: the frozen backbone and GoPT's head on RGB
+    probe = build_variant("probe", copy.deepcopy(base), 1, args.num_classes).to(device).eval()
+    probe_gflops = gflops_per_image(probe, rgb1, aux1)
+    probe_forward: list[float] = []
     optimizers = {row.name: torch.optim.AdamW([p for p in row.model.parameters() if p.requires_grad], lr=1e-6)
                   for row in rows}
-
-    def frozen():  # lower bound: the first single-stream variant's backbone and head without its prompters
-        return lower_bound.upsample(lower_bound.adapter.head(lower_bound.backbone_features(rgb1)), size)
 
     def step(row: Row):
         row.model.train()
@@ -143,18 +137,17 @@ def main(argv=None) -> None:
         optimizers[row.name].zero_grad(set_to_none=True)
 
     for repeat in range(args.repeats + 1):  # the first round is warm-up
-        with torch.inference_mode(), autocast:
+        with torch.no_grad(), autocast:  # as gopt bench times a forward
             for row in rows:
                 row.model.eval()
-                elapsed = median_time(lambda: row.model(rgb1, aux1), device)
+                elapsed = timed_call(lambda: row.model(rgb1, aux1), device)
                 if repeat:
                     row.forward_s.append(elapsed)
-            if lower_bound is not None:
-                elapsed = median_time(frozen, device)
-                if repeat:
-                    frozen_forward.append(elapsed)
+            elapsed = timed_call(lambda: probe(rgb1, aux1), device)
+            if repeat:
+                probe_forward.append(elapsed)
         for row in rows:
-            elapsed = median_time(lambda: step(row), device)
+            elapsed = timed_call(lambda: step(row), device)
             if repeat:
                 row.step_s.append(elapsed)
 
@@ -169,7 +162,7 @@ def main(argv=None) -> None:
             row.memory_bytes = counted_training_memory(row.model.train(), rgb, aux, target)
 
     swap = measure_swaps(rows, args.swap_repeats, rgb1, aux1)
-    text = report(args, device, batch, rows, frozen_forward, swap)
+    text = report(args, device, batch, rows, (probe_gflops, probe_forward), swap)
     print(text)
     if args.doc:
         key = f"perf:{args.model}:{args.size[0]}x{args.size[1]}:{device.type}"
@@ -186,21 +179,23 @@ def measure_swaps(rows: list[Row], repeats: int, rgb1=None, aux1=None,
     with tempfile.TemporaryDirectory() as tmp:
         path = save_adapter(gopt, Path(tmp) / "task.safetensors")
         gopt.backbone_fingerprint()  # the digest is computed once per backbone, not per swap
-        load_times = [median_time(lambda: load_adapter(gopt, path), device) for _ in range(repeats)]
+        load_times = [timed_call(lambda: load_adapter(gopt, path), device) for _ in range(repeats)]
         gopt.add_adapter("other", path)
         set_times = []
         for index in range(repeats):
-            set_times.append(median_time(lambda: gopt.set_adapter("other" if index % 2 == 0 else "default"),
+            set_times.append(timed_call(lambda: gopt.set_adapter("other" if index % 2 == 0 else "default"),
                                          device))
         gopt.set_adapter("default")
         gopt.delete_adapter("other")
     return {"load_adapter_ms": 1e3 * statistics.median(load_times), "set_adapter_ms": 1e3 * statistics.median(set_times)}
 
 
-def report(args, device, batch, rows: list[Row], frozen_forward: list[float], swap: dict[str, float]) -> str:
-    """The measurements as Markdown: a header line naming the setting and machine, a table, swaps."""
+def report(args, device, batch, rows: list[Row], probe: tuple[float, list[float]], swap: dict[str, float]) -> str:
+    """The measurements as Markdown: a header line naming the setting and machine, a table, swaps.
+    ``probe`` is the lower bound's GFLOPs per image and forward times."""
     fft = next((row for row in rows if row.name == "fft_early"), None)
-    lower = statistics.median(frozen_forward) if frozen_forward else None
+    probe_gflops, probe_forward = probe
+    lower = statistics.median(probe_forward)
     lines = [
         f"`{args.model}`, {args.size[0]}x{args.size[1]}, {device.type}"
         f"{' bf16' if device.type == 'cuda' else ' fp32'}, inference batch 1, training batch {batch}, "
@@ -209,21 +204,22 @@ def report(args, device, batch, rows: list[Row], frozen_forward: list[float], sw
         "",
     ]
     memory = "training memory (counted)" if device.type == "cpu" else "peak CUDA memory"
-    lines += [f"| variant | trainable params | adapter size | inference vs lower bound | train step vs FFT | {memory} vs FFT |",
-              "|---|---:|---:|---:|---:|---:|"]
-    if lower is not None:
-        lines.append(f"| lower bound (frozen backbone + head) | - | - | 1.00 ({lower:.3f} s) | - | - |")
+    lines += [f"| variant | trainable params | adapter size | GFLOPs/img | inference vs lower bound | "
+              f"train step vs FFT | {memory} vs FFT |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| lower bound (`gopt bench --vs probe`: frozen backbone + head) | - | - | {probe_gflops:.3g} | "
+                 f"1.00 ({lower:.3f} s) | - | - |")
     for row in rows:
         forward = statistics.median(row.forward_s)
         step = statistics.median(row.step_s)
         cells = [
-            f"{forward / lower:.3f}" if lower else f"{forward:.3f} s",
+            f"{forward / lower:.3f}",
             f"{step / statistics.median(fft.step_s):.3f}" if fft else f"{step:.3f} s",
             f"{row.memory_bytes / fft.memory_bytes:.3f}" if fft else f"{row.memory_bytes / 1e6:.0f} MB",
         ]
         extra = f" ({batch / step:.1f} img/s)" if device.type == "cuda" else ""
-        lines.append(f"| {row.name} | {row.trainable:,} | {row.adapter_bytes / 1e6:.2f} MB | " + " | ".join(cells[:2])
-                     + extra + f" | {cells[2]} ({row.memory_bytes / 1e6:.0f} MB) |")
+        lines.append(f"| {row.name} | {row.trainable:,} | {row.adapter_bytes / 1e6:.2f} MB | {row.gflops:.3g} | "
+                     + " | ".join(cells[:2]) + extra + f" | {cells[2]} ({row.memory_bytes / 1e6:.0f} MB) |")
     if swap:
         lines += ["", f"Swap, GoPT adapter: `load_adapter` {swap['load_adapter_ms']:.2f} ms, "
                       f"`set_adapter` {swap['set_adapter_ms']:.3f} ms (median of {args.swap_repeats})."]

@@ -31,9 +31,10 @@ import timm
 import torch
 
 from gopt_adapter import GoptConfig, apply_gopt
+from gopt_adapter.cli.bench import timed_call
 
 from .markdown import invocation, write_section
-from .perf import Row, measure_swaps, median_time
+from .perf import Row, measure_swaps
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
 #: Sizes with at least this many pixels use ``--large-repeats`` rounds (ViT-B at 480x640 and
@@ -83,7 +84,7 @@ def build(name: str, tasks: int, num_classes: int):
 
 
 def timed(fn) -> float:
-    return median_time(fn, CPU)  # one timed call
+    return timed_call(fn, CPU)  # one timed call
 
 
 def per_task(segmenter, rgb, aux, names) -> None:

@@ -68,3 +68,21 @@ def test_bench_refuses_bad_requests_in_one_line(capsys, args, message):
     assert main(["bench", "--device", "cpu", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_the_performance_table_measures_inference_as_gopt_bench_does(capsys):
+    """docs/performance.md's CPU table (``benchmarks.perf``) counts FLOPs and parameters as the
+    wheel's ``gopt bench`` does, and takes its lower bound from ``--vs probe``."""
+    from benchmarks import perf
+
+    perf.main(["--model", "vit_tiny_patch16_224", "--size", "32", "32", "--num-classes", "40", "--repeats", "1",
+               "--swap-repeats", "2", "--variants", "gopt", "fft_early"])
+    rows = {cells[0]: cells for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
+            for cells in [[cell.strip() for cell in line.strip("|").split("|")]]}
+    record = bench(capsys, "--backbone", "vit_tiny_patch16_224", "--random-init", "--size", "32", "32", "--batch", "1",
+                   "--vs", "probe")
+    gopt, probe = rows["gopt"], next(cells for name, cells in rows.items() if name.startswith("lower bound"))
+    assert gopt[1] == f"{record['model']['trainable_parameters']:,}"
+    assert gopt[3] == f"{record['model']['gflops_per_image']:.3g}"
+    assert probe[3] == f"{record['probe']['gflops_per_image']:.3g}"
+    assert float(rows["fft_early"][5]) == 1.0 and float(gopt[4]) > 0  # ratios: FFT to itself, GoPT to the probe

@@ -21,7 +21,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..parameters import count_parameters
 
-__all__ = ["measure", "ratios"]
+__all__ = ["gflops_per_image", "measure", "ratios", "timed_call"]
 
 
 def _sync(device: torch.device) -> None:
@@ -44,6 +44,26 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, ``device`` synchronised before and after it (CUDA
+    kernels run asynchronously, so an unsynchronised clock times only their launch)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def gflops_per_image(model: nn.Module, rgb: torch.Tensor, aux: torch.Tensor) -> float:
+    """GFLOPs of ``model`` on the first image of ``rgb [B, 3, H, W]`` / ``aux [B, A, H, W]``,
+    as ``torch.utils.flop_counter`` counts them (matrix products and convolutions, two FLOPs
+    per multiply-add)."""
+    counter = FlopCounterMode(display=False)
+    with counter:  # with autograd on: the counter's module tracker hooks the inputs' gradient functions
+        model(rgb[:1], aux[:1])
+    return counter.get_total_flops() / 1e9
+
+
 def measure(model: nn.Module, size: tuple[int, int], batch: int, aux_channels: int, device: torch.device,
             repeats: int = 10, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
     """Parameters, GFLOPs per image, median latency of a batch, images/s and peak memory of
@@ -56,26 +76,17 @@ def measure(model: nn.Module, size: tuple[int, int], batch: int, aux_channels: i
     height, width = size
     rgb = torch.randn(batch, 3, height, width, generator=generator).to(device)
     aux = torch.randn(batch, aux_channels, height, width, generator=generator).to(device)
-    counter = FlopCounterMode(display=False)
-    with counter:  # with autograd on: the counter's module tracker hooks the inputs' gradient functions
-        model(rgb[:1], aux[:1])
+    gflops = gflops_per_image(model, rgb, aux)
     with torch.no_grad():
         for _ in range(warmup):
             model(rgb, aux)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            model(rgb, aux)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    latency = statistics.median(times)
+        latency = statistics.median(timed_call(lambda: model(rgb, aux), device) for _ in range(repeats))
     return {
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
-        "gflops_per_image": counter.get_total_flops() / 1e9,
+        "gflops_per_image": gflops,
         "latency_ms": latency * 1e3,
         "images_per_s": batch / latency,
         "peak_memory_mb": _peak_memory_mb(device),
