@@ -2,8 +2,9 @@
 
     python -m benchmarks.robustness --out runs/robustness --doc docs/results.md
 
-Each (world, variant, seed) run trains exactly as in ``benchmarks.ablation`` (same
-foundation pretraining, data, schedule and seeds), then evaluates the trained model on the
+Each (world, variant, seed) run trains as in ``benchmarks.ablation`` (same foundation
+pretraining, schedule and seeds), on the absolute worlds' full 384 training scenes (the ablation
+halves them to fit its hour; one run here is evaluated under 13 conditions), then evaluates the trained model on the
 validation scenes under every condition of :data:`gopt_adapter.data.aux_faults.ROBUSTNESS_FAULTS`:
 clean aux, no aux (the aux-missing mode, which only an adapter trained with ``aux_dropout``
 has), zeros, a flat frame, noise, holes and misregistration. The Foundation row sees RGB
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,18 @@ from gopt_adapter.data.aux_faults import ROBUSTNESS_FAULTS, FaultyAux, WithoutAu
 from gopt_adapter.baselines import AUX_DROPOUT
 from gopt_adapter.train.engine import evaluate
 
-from .ablation import AblationConfig, build_parser, finish_run, miou_record, run_benchmark, setup, train_run
+from .ablation import (SETUPS as ABLATION_SETUPS, AblationConfig, WorldSetup, build_parser, finish_run,
+                       miou_record, run_benchmark, setup, train_run)
 from .markdown import mean_std
 
 VARIANTS = ("foundation", "gopt", "gopt_aux_dropout", "vpt_deep", "lora", "fft")
 LABELS = {"foundation": "Foundation (RGB only)", "gopt": "GoPT", "gopt_aux_dropout": f"GoPT + aux_dropout {AUX_DROPOUT:g}",
           "vpt_deep": "VPT-Deep", "lora": "LoRA", "fft": "FFT"}
 SECTION = "robustness"  # markers of the generated part of docs/results.md
+_ABSOLUTE = ABLATION_SETUPS["absolute"]
+#: The ablation's setups with the absolute worlds' 384 scenes and the demo's 6-epoch foundation
+SETUPS: dict[str, WorldSetup] = {**ABLATION_SETUPS, "absolute": replace(_ABSOLUTE, demo=replace(
+    _ABSOLUTE.demo, train_length=384, foundation=replace(_ABSOLUTE.demo.foundation, epochs=6)))}
 
 
 def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights: str, result: str) -> dict[str, Any]:
@@ -96,8 +103,8 @@ def missing_split(config: AblationConfig, records: list[dict[str, Any]], world: 
 
 
 def main(argv=None) -> int:
-    parser = build_parser("python -m benchmarks.robustness", __doc__, VARIANTS, "runs/robustness")
-    return run_benchmark("benchmarks.robustness", argv, parser, SECTION, run_one, report)
+    parser = build_parser("python -m benchmarks.robustness", __doc__, VARIANTS, "runs/robustness", SETUPS)
+    return run_benchmark("benchmarks.robustness", argv, parser, SECTION, run_one, report, SETUPS)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ import pytest
 import timm
 import torch
 
-from benchmarks import ablation, suite
+from benchmarks import ablation, robustness, suite
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.data import SyntheticRGBX
 from gopt_adapter.cli.demo import DemoConfig
 from gopt_adapter.parameters import count_parameters
 
 TINY = ["--worlds", "depth", "--seeds", "0", "--variants", "gopt", "vpt_shallow", "gopt_soft", "fft", "fft_early",
-        "--epochs", "1", "--train-length", "32", "--val-length", "8", "--workers", "1"]
+        "--epochs", "1", "--train-length", "16", "--val-length", "4", "--workers", "1"]
 
 
 def test_ablation_runs_reports_and_resumes(tmp_path, capsys):
@@ -72,12 +72,17 @@ def test_each_seed_pretrains_its_own_foundation_on_the_same_world(tmp_path):
     assert first == again and first != other
 
 
-def test_world_flag_chooses_the_worlds_and_leaves_todays_runs_as_they_were(capsys):
+def test_world_flag_chooses_the_worlds_and_the_robustness_runs_stay_as_they_were(capsys):
     parser = ablation.build_parser("ablation", "", ablation.TABLE4, "runs/ablation")
     config = ablation.config_from_args(parser.parse_args([]))
     assert config.worlds == ("depth", "thermal") and config.setups == ablation.SETUPS
-    absolute = config.setup("thermal")  # the settings of the runs before the relative family
-    assert absolute.demo == DemoConfig(train_length=384, val_length=128) and absolute.gopt_hidden_dim is None
+    absolute = config.setup("thermal")  # half the demo's scenes, the foundation's 144 steps kept
+    assert absolute.demo == DemoConfig(train_length=192, val_length=128,
+                                       foundation=replace(DemoConfig.foundation, epochs=12))
+    assert absolute.gopt_hidden_dim is None
+    robust = robustness.SETUPS["absolute"]  # the demo's own scenes: the records of docs/results.md's tables
+    assert robust.demo == DemoConfig(train_length=384, val_length=128) and robust.frozen == absolute.frozen
+    assert robustness.SETUPS["relative"] == ablation.SETUPS["relative"]
     assert (absolute.frozen.epochs, absolute.frozen.lr, absolute.full.lr) == (16, 3e-3, 5e-4)
     assert absolute.variant_options("gopt") == {} and config.setup("relative").variant_options("gopt") == {"hidden_dim": 8}
     both = ablation.config_from_args(parser.parse_args(["--world", "depth", "thermal", "relative", "--epochs", "2",
