@@ -13,7 +13,7 @@ are outside the sweep; ``tests/test_families.py`` checks that such models are re
 ``tests/test_zoo.py`` fails when timm adds a module that none of the three lists names.
 
 Each model is built on the meta device (no memory, no weights; timm's truncated-normal
-initialiser is skipped there) and handed to ``apply_gopt`` with one prompter (``interval`` = depth: the
+initialisers are skipped there) and handed to ``apply_gopt`` with one prompter (``interval`` = depth: the
 decision to wrap or refuse does not depend on the interval). The outcome is acceptance or the
 ``TypeError`` that names the class and the reason.
 """
@@ -81,25 +81,38 @@ def vit_like_names() -> list[str]:
     return [name for name in timm.list_models() if registry_module(name) in VIT_MODULES]
 
 
+#: The initialisers of ``torch.nn.init`` that PyTorch's and timm's layers call while they are built.
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                 "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
 @contextmanager
 def skip_meta_init() -> Iterator[None]:
-    """timm's truncated-normal initialiser does nothing to meta tensors while this is active.
+    """Weight initialisers do nothing to meta tensors while this is active.
 
-    Meta tensors hold no values, yet the initialiser runs its ``uniform_``/``erfinv_``/``clamp_``
-    decompositions on them: most of the time it takes to build a ViT there.
+    Meta tensors hold no values, yet ``torch.nn.init`` and timm's truncated normal run their
+    ``uniform_``/``erfinv_``/``clamp_`` decompositions on them: most of the time it takes to build
+    a ViT there. Modules call them through their modules' namespaces (``init.kaiming_uniform_``,
+    timm's ``weight_init._trunc_normal_``), so those are what is swapped, and put back after.
     """
+    from torch.nn import init
     from timm.layers import weight_init
 
-    original = weight_init._trunc_normal_
+    targets = [(weight_init, "_trunc_normal_")] + [(init, name) for name in _INITIALISERS]
+    originals = [getattr(module, name) for module, name in targets]
 
-    def trunc_normal(tensor, *args, **kwargs):
-        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+    def skipping(original):
+        def initialise(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+        return initialise
 
-    weight_init._trunc_normal_ = trunc_normal
+    for (module, name), original in zip(targets, originals):
+        setattr(module, name, skipping(original))
     try:
         yield
     finally:
-        weight_init._trunc_normal_ = original
+        for (module, name), original in zip(targets, originals):
+            setattr(module, name, original)
 
 
 @dataclass(frozen=True)

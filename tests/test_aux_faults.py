@@ -100,7 +100,7 @@ def test_the_benchmark_conditions_are_those_the_docs_promise():
 
 def test_robustness_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     tiny = ["--worlds", "depth", "--seeds", "0", "--variants", "foundation", "gopt", "gopt_aux_dropout",
-            "--epochs", "1", "--train-length", "32", "--val-length", "8", "--workers", "1",
+            "--epochs", "1", "--train-length", "16", "--val-length", "4", "--workers", "1",
             "--out", str(tmp_path / "rob"), "--doc", str(tmp_path / "results.md")]
     assert robustness.main(tiny) == 0
     runs = json.loads((tmp_path / "rob" / "results.json").read_text())["runs"]

@@ -17,6 +17,7 @@ from gopt_adapter.train.engine import (
     TrainConfig,
     Trainer,
     evaluate,
+    init_distributed,
     json_line,
     json_safe,
     poly_lr_factor,
@@ -324,13 +325,27 @@ class FixedLogits(torch.nn.Module):
         return torch.cat([5 * m, -5 * m], 1) + self.bias
 
 
+class ValData(torch.utils.data.Dataset):
+    """Five fixed images (an odd count: the ranks evaluate 3 and 2 of them), the same on every rank."""
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(index)
+        return {"rgb": torch.randn(3, 4, 4, generator=generator), "aux": torch.zeros(1, 4, 4),
+                "label": torch.randint(0, 2, (4, 4), generator=generator)}
+
+
 def _ddp_worker(rank, port, out, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # what torchrun sets for each process it launches, read by init_distributed as gopt train does
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    ctx = init_distributed()
     try:
         config = TrainConfig(epochs=1, batch_size=8, grad_accum=2, lr=1e-9, log_every=1, progress=False, amp=False)
-        trainer = Trainer(FixedLogits(), RankData(), 2, config, out, device="cpu", ctx=Dist(rank, 2, rank))
+        trainer = Trainer(FixedLogits(), RankData(), 2, config, out, val_set=ValData(), device="cpu", ctx=ctx)
         calls = []
 
         def counting_allreduce(state, bucket):
@@ -339,14 +354,18 @@ def _ddp_worker(rank, port, out, queue):
             return torch.distributed.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
 
         trainer.ddp.register_comm_hook(None, counting_allreduce)
-        trainer.fit()
-        queue.put((rank, len(calls), trainer.step))
+        metrics = trainer.fit()
+        queue.put((rank, len(calls), trainer.step, metrics["miou"], trainer.model.bias.flatten().tolist()))  # no tensors:
+        # a queued tensor is shared through this process, which ends before it is read
         trainer.close()  # DDP's reducer before the process group, or gloo may abort the process
     finally:
         shutdown_distributed()
 
 
-def test_ddp_accumulates_without_sync_and_logs_the_loss_averaged_over_ranks(tmp_path):
+def test_ddp_under_torchruns_environment(tmp_path):
+    """Two gloo processes joined as torchrun joins them: gradients are accumulated without a
+    sync (one all-reduce per step), one rank writes the log, with the loss averaged over ranks,
+    and the metrics summed over both ranks' halves of the validation set equal one process's."""
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:
@@ -355,13 +374,21 @@ def test_ddp_accumulates_without_sync_and_logs_the_loss_averaged_over_ranks(tmp_
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     mp.start_processes(_ddp_worker, args=(port, str(tmp_path), queue), nprocs=2, start_method="spawn")
-    results = sorted(queue.get() for _ in range(2))
+    results = sorted((queue.get() for _ in range(2)), key=lambda result: result[0])
     steps = results[0][2]
     assert steps == 2  # 8 samples per rank, micro-batches of 2, 2 per step
-    assert [calls for _, calls, _ in results] == [steps, steps]  # one all-reduce per step, not per micro-batch
-    losses = [r["loss"] for r in read_log(tmp_path / LOG_NAME) if r["event"] == "train"]
+    assert [calls for _, calls, *_ in results] == [steps, steps]  # one all-reduce per step, not per micro-batch
+    records = read_log(tmp_path / LOG_NAME)
+    losses = [r["loss"] for r in records if r["event"] == "train"]
     right, wrong = math.log1p(math.exp(-10)), 10 + math.log1p(math.exp(-10))  # rank 0's and rank 1's loss
     assert len(losses) == steps and losses == pytest.approx([(right + wrong) / 2] * steps, rel=1e-5)
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]  # one writer, no duplicates
+    assert results[0][4] == results[1][4]  # the ranks stayed in step
+    model = FixedLogits()
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor(results[0][4]).view_as(model.bias))
+    single = evaluate(model, ValData(), 2)
+    assert results[0][3] == results[1][3] == pytest.approx(single["miou"], abs=1e-12)
 
 
 class DayNightData(torch.utils.data.Dataset):

@@ -1,4 +1,9 @@
-"""benchmarks.gpu_check --quick --device cpu: the CUDA check's code path, end to end, in CI."""
+"""benchmarks.gpu_check --quick --device cpu: the CUDA check's code path, end to end, in CI.
+
+Its end-to-end part is also the suite's one proof that a ``gopt train`` process killed with
+SIGKILL mid-epoch resumes (``--resume``) to the uninterrupted run's adapter, bit for bit, and its
+metrics. The resume's log, cut back to the checkpoint, and a finished run's resume are
+``tests/test_engine.py``'s, in one process."""
 
 import json
 
@@ -11,7 +16,7 @@ from benchmarks.gpu_check import COMPILED_THEN, DOC_KEY, INFER_VARIANTS, TRAIN_V
 def test_quick_cpu_run_measures_every_part_and_renders_the_docs_block(tmp_path):
     out = tmp_path / "out"
     # The default --quick budget (70 s) holds any run under 90 s by skipping what does not fit;
-    # on an idle 2-core machine nothing needs skipping (about 70 s of CPU time in all). Here the
+    # on an idle 2-core machine nothing needs skipping (about 40 s of CPU time in all). Here the
     # budget is wider so that a loaded CI machine still measures every part this test checks.
     assert gpu_check.main(["--out", str(out), "--quick", "--device", "cpu", "--budget-s", "150"]) == 0
     record = json.loads((out / "gpu_check.json").read_text())
@@ -23,13 +28,13 @@ def test_quick_cpu_run_measures_every_part_and_renders_the_docs_block(tmp_path):
     for name in INFER_VARIANTS:
         eager = record["inference"][name]["eager"]
         assert eager["b1"]["batch"] == 1 and eager["b1"]["ms"] > 0 and eager["bN"]["images_per_s"] > 0
-    # GoPT's compiled ratio comes first and always fits; the rest is measured or named as skipped
+    # GoPT's compiled ratio comes first and always fits
     assert record["inference"]["gopt"]["compiled"]["b1"]["ms"] > 0
     assert record["inference"]["lower_bound"]["compiled"]["b1"]["ms"] > 0
     assert record["training"]["gopt"]["compiled"]["images_per_s"] > 0
-    for name, kind in COMPILED_THEN:
-        measured = record["training" if kind == "train" else "inference"].get(name, {}).get("compiled")
-        assert measured or any(s.startswith(f"{name} compiled {kind}: time budget") for s in record["skipped"])
+    for name, kind in COMPILED_THEN:  # the same code, measured on a GPU, named as skipped by --quick
+        assert "compiled" not in record["training" if kind == "train" else "inference"].get(name, {})
+        assert any(s.startswith(f"{name} compiled {kind}: --quick compiles only") for s in record["skipped"])
     assert record["swap"]["load_adapter_ms"] > 0 and record["swap"]["set_adapter_ms"] > 0
 
     e2e = record["e2e"]
