@@ -65,6 +65,7 @@ class _WithMissingFlags(nn.Module):
     def __init__(self, segmenter: GoptSegmenter) -> None:
         super().__init__()
         self.segmenter = segmenter
+        self.training = False  # traced with the segmenter in eval mode; the exporter reads this flag
 
     def forward(self, rgb: torch.Tensor, aux: torch.Tensor, aux_missing: torch.Tensor) -> torch.Tensor:
         return self.segmenter(rgb, aux, aux_missing=aux_missing)
@@ -76,6 +77,7 @@ class _RgbOnly(nn.Module):
     def __init__(self, segmenter: GoptSegmenter) -> None:
         super().__init__()
         self.segmenter = segmenter
+        self.training = False  # traced with the segmenter in eval mode; the exporter reads this flag
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.segmenter(rgb)
