@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.atomic_files import atomic_write_bytes
-from gopt_adapter.cli.bench import timed_call
+from gopt_adapter.cli.bench import synchronize, timed_call
 
 from .markdown import invocation, write_section
 from .perf import measure_swaps
@@ -116,11 +116,6 @@ class Results:
 
 
 # ------------------------------------------------------------------ measurements
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_s(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     return statistics.median(timed_call(fn, device) for _ in range(repeats))
 
@@ -160,11 +155,11 @@ def measure_training(forward: Callable, model: torch.nn.Module, inputs, device: 
     seconds = median_s(step, device, repeats)
     record = {"first_step_s": first, "step_ms": 1e3 * seconds, "images_per_s": rgb.shape[0] / seconds}
     if device.type == "cuda":
-        sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)
         step()
-        sync(device)
+        synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         record.update(peak_memory_bytes=peak, peak_above_resident_bytes=peak - resident)
     return record

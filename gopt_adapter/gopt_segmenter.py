@@ -399,8 +399,7 @@ def _load_checked(adapter: GoptAdapter, file: AdapterFile) -> None:
 
 
 __all__ = ["GoptSegmenter", "PromptedBlock", "apply_gopt", "backbone_for_adapter", "build_backbone", "load_adapter",
-           "remove_gopt",
-           "restore_segmenter", "save_adapter"]
+           "remove_gopt", "restore_segmenter", "save_adapter"]
 
 
 # ------------------------------------------------------------------ rebuilt from a file
@@ -419,8 +418,8 @@ def backbone_for_adapter(file: AdapterFile, weights: str | os.PathLike | None = 
     if name is None:
         raise BackboneUnnamedError(f"{file.path}: the adapter file records no timm model name (written by gopt-adapter "
                            f"{file.library_version}); give the backbone's name")
-    kwargs = backbone_kwargs if backbone_kwargs is not None else dict(file.backbone_kwargs or {})
-    return build_backbone(name, weights, kwargs, pretrained)
+    return build_backbone(name, weights, backbone_kwargs if backbone_kwargs is not None else file.backbone_kwargs,
+                          pretrained)
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, backbone_kwargs: dict[str, Any] | None = None,

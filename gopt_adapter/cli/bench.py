@@ -29,10 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..parameters import count_parameters
 
-__all__ = ["gflops_per_image", "measure", "ratios", "timed_call"]
+__all__ = ["gflops_per_image", "measure", "ratios", "synchronize", "timed_call"]
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for ``device``'s queued kernels (CUDA runs them asynchronously); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -47,10 +48,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 def timed_call(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds one call of ``fn`` takes, ``device`` synchronised before and after it (CUDA
     kernels run asynchronously, so an unsynchronised clock times only their launch)."""
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
