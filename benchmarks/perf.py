@@ -8,7 +8,10 @@ safetensors file), GFLOPs per image and inference forward time as a ratio to the
 (batch 1), training step time (forward, loss, backward, AdamW step) and
 training memory as ratios to full fine-tuning (batch 2 on CPU), and the adapter swap times
 (``load_adapter`` of a saved adapter onto the resident backbone, ``set_adapter`` between two
-resident adapters). Timings are medians of interleaved repeats after warm-up.
+resident adapters). Timings are medians of interleaved repeats after warm-up: each round
+times every forward ``--forward-repeats`` times and every training step once, each sweep over
+the models starting one model later, and the report states the per-call spread of the lower
+bound's forward so that a reader can tell a difference from noise.
 
 The inference columns are ``gopt bench``'s (``gopt_adapter.cli.bench``): its FLOP count, its
 timed forward (no gradients), and its ``--vs probe`` reference as the lower bound, the frozen
@@ -76,11 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=40)
     parser.add_argument("--train-batch", type=int, default=None, help="default: 2 on CPU, 16 on CUDA")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--forward-repeats", type=int, default=3,
+                        help="timed forwards of each model per round (a forward is cheap next to a training step)")
     parser.add_argument("--swap-repeats", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"subset of {VARIANTS}")
     parser.add_argument("--doc", help="also write the table into this Markdown file (e.g. docs/performance.md)")
     args = parser.parse_args(argv)
+    for flag in ("repeats", "forward_repeats", "swap_repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.quick:
         args.model, args.size = "vit_tiny_patch16_224", (224, 224)
     return args
@@ -136,17 +144,16 @@ def main(argv=None) -> None:
         optimizers[row.name].step()
         optimizers[row.name].zero_grad(set_to_none=True)
 
+    forwards = [(row.model, row.forward_s) for row in rows] + [(probe, probe_forward)]
     for repeat in range(args.repeats + 1):  # the first round is warm-up
         with torch.no_grad(), autocast:  # as gopt bench times a forward
-            for row in rows:
-                row.model.eval()
-                elapsed = timed_call(lambda: row.model(rgb1, aux1), device)
-                if repeat:
-                    row.forward_s.append(elapsed)
-            elapsed = timed_call(lambda: probe(rgb1, aux1), device)
-            if repeat:
-                probe_forward.append(elapsed)
-        for row in rows:
+            for sweep in range(args.forward_repeats):
+                for model, times in rotated(forwards, repeat * args.forward_repeats + sweep):
+                    model.eval()
+                    elapsed = timed_call(lambda: model(rgb1, aux1), device)
+                    if repeat:
+                        times.append(elapsed)
+        for row in rotated(rows, repeat):
             elapsed = timed_call(lambda: step(row), device)
             if repeat:
                 row.step_s.append(elapsed)
@@ -167,6 +174,13 @@ def main(argv=None) -> None:
     if args.doc:
         key = f"perf:{args.model}:{args.size[0]}x{args.size[1]}:{device.type}"
         write_section(args.doc, key, invocation("benchmarks.perf", argv), text)
+
+
+def rotated(items: list, shift: int) -> list:
+    """``items`` started at index ``shift`` (mod its length): each sweep of the interleaved
+    timings starts one model later, so that no model always runs right after the same one."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 def measure_swaps(rows: list[Row], repeats: int, rgb1=None, aux1=None,
@@ -200,7 +214,8 @@ def report(args, device, batch, rows: list[Row], probe: tuple[float, list[float]
         f"`{args.model}`, {args.size[0]}x{args.size[1]}, {device.type}"
         f"{' bf16' if device.type == 'cuda' else ' fp32'}, inference batch 1, training batch {batch}, "
         f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"median of {args.repeats}, measured {time.strftime('%Y-%m-%d')}",
+        f"median of {args.repeats} training steps and {len(probe_forward)} forwards per model, "
+        f"measured {time.strftime('%Y-%m-%d')}",
         "",
     ]
     memory = "training memory (counted)" if device.type == "cpu" else "peak CUDA memory"
@@ -220,6 +235,9 @@ def report(args, device, batch, rows: list[Row], probe: tuple[float, list[float]
         extra = f" ({batch / step:.1f} img/s)" if device.type == "cuda" else ""
         lines.append(f"| {row.name} | {row.trainable:,} | {row.adapter_bytes / 1e6:.2f} MB | {row.gflops:.3g} | "
                      + " | ".join(cells[:2]) + extra + f" | {cells[2]} ({row.memory_bytes / 1e6:.0f} MB) |")
+    spread = statistics.median(abs(t - lower) for t in probe_forward) / lower
+    lines += ["", f"One forward of the lower bound varies by {100 * spread:.1f}% (median absolute deviation "
+                  f"over its {len(probe_forward)} calls): the noise in a single timing on this machine."]
     if swap:
         lines += ["", f"Swap, GoPT adapter: `load_adapter` {swap['load_adapter_ms']:.2f} ms, "
                       f"`set_adapter` {swap['set_adapter_ms']:.3f} ms (median of {args.swap_repeats})."]
