@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +53,7 @@ from gopt_adapter.parameters import count_parameters
 
 from .markdown import invocation, mean_std, write_section
 from .records import cached, fingerprint, write_json
+from .workers import worker_pool
 from .suite import TABLES
 
 # Table 4 rows in the paper's order (GoPT with eq. 12 as printed beside ours), then the
@@ -304,8 +304,7 @@ def run_all(config: AblationConfig, out: Path, job: Callable[..., dict[str, Any]
     todo.sort(key=lambda run: VARIANTS[run[1]].frozen_backbone)
     print(f"{len(records)} runs done before, {len(todo)} to go on {config.workers} workers", file=sys.stderr)
     start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads
-    with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+    with worker_pool(config.workers) as pool:
         for done in as_completed([pool.submit(pretrain, config, *args) for args in foundations]):
             print(f"foundation ready: {done.result()}", file=sys.stderr)
         futures = [pool.submit(job, config, *args) for args in todo]
@@ -455,7 +454,7 @@ def build_parser(prog: str, description: str, variants: tuple[str, ...], out: st
                         help=f"training scenes (default: {defaults(lambda w: w.demo.train_length)})")
     parser.add_argument("--val-length", type=int,
                         help=f"validation scenes (default: {defaults(lambda w: w.demo.val_length)})")
-    parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes of one thread each (1: in this process)")
     return parser
 
 

@@ -20,7 +20,7 @@ reproduces a row on any copy of MFNet.
 Each finished run leaves ``<out>/runs/<variant>_lr<lr>_s<seed>.json`` with a fingerprint of
 its settings (the recipe, the row, the library version); a run started again with the same
 ``--out`` reuses exactly the records whose fingerprint matches and trains the rest. Runs go to
-``--workers`` processes of one thread each. A run whose weights are not finite, or whose model
+``--workers`` processes of one thread each (one: this process). A run whose weights are not finite, or whose model
 predicts one class only on the validation frames, fails the benchmark (exit status 1).
 """
 
@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, wait, FIRST_COMPLETED
+from concurrent.futures import Future, wait, FIRST_COMPLETED
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from gopt_adapter.train.losses import LOSSES
 
 from .markdown import invocation, mean_std, write_section
 from .records import cached, fingerprint, write_json
+from .workers import worker_pool
 
 FIELD = Path(__file__).resolve().parents[2] / "shared" / "field"
 ROOT = FIELD / "mfnet_subset"
@@ -214,9 +214,8 @@ def run_all(recipe: FieldRecipe, out: Path, root: str, weights: str) -> tuple[li
     grid: dict[str, list[dict[str, Any]]] = {v: [] for v in recipe.variants}
     chosen: dict[str, float] = {}
     reused = 0
-    context = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads
     start = time.perf_counter()
-    with ProcessPoolExecutor(recipe.workers, mp_context=context) as pool:
+    with worker_pool(recipe.workers) as pool:
         pending: dict[Future, tuple[str, bool]] = {}
 
         def submit(variant: str, lr: float, seed: int, in_grid: bool) -> None:
@@ -341,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="32 frames at a tiny scale, one seed, one LR: checks that every row trains (CI)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--variants", nargs="+", help=f"subset of the rows (default: {' '.join(ROWS)})")
-    parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes of one thread each (1: in this process)")
     parser.add_argument("--write-configs", action="store_true",
                         help="write the chosen settings to benchmarks/configs/field_<variant>.json")
     return parser

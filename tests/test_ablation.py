@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,7 @@ import timm
 import torch
 
 from benchmarks import ablation, robustness, suite
+from benchmarks.workers import worker_pool
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.data import SyntheticRGBX
 from gopt_adapter.cli.demo import DemoConfig
@@ -165,3 +167,15 @@ def test_report_of_both_families():
     assert "summed over its 9 LayerNorms of 864 channels per stream (depth seed 0" in text
     assert "summed over its 17 LayerNorms of 1,088 channels per stream (relative seed 0" in text
     assert "depth 66.7, relative 17.7." in text and "GoPT rows of width 8" in text
+
+
+def test_one_worker_runs_the_jobs_in_this_process_and_hands_their_errors_back():
+    """``--workers 1``: no process is spawned (same records, tests/test_ablation.py's runs); a
+    job's exception reaches the caller through its future, as from a process pool."""
+    with worker_pool(1) as pool:
+        here, failed = pool.submit(os.getpid), pool.submit(int, "not a number")
+    assert here.result() == os.getpid()
+    with pytest.raises(ValueError):
+        failed.result()
+    with pytest.raises(ValueError):
+        worker_pool(0)

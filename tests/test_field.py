@@ -91,7 +91,8 @@ def test_the_field_benchmark_trains_gopt_and_the_probe_to_finite_weights_that_pr
     from benchmarks import field
 
     rows = ("probe", "gopt")
-    argv = ["--quick", "--out", str(tmp_path), "--root", str(MFNET), "--weights", str(DINOV2), "--variants", *rows]
+    argv = ["--quick", "--out", str(tmp_path), "--root", str(MFNET), "--weights", str(DINOV2), "--variants", *rows,
+            "--workers", "1"]
     assert field.main(argv) == 0
     records = [json.loads(path.read_text()) for path in sorted((tmp_path / "runs").glob("*.json"))]
     assert sorted(r["variant"] for r in records) == sorted(rows)
