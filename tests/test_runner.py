@@ -1,9 +1,7 @@
-"""The benchmark runner end to end on the CPU: bad input, a short run, crash + resume, DDP."""
+"""The benchmark runner end to end on the CPU: bad input, a short run, calibration, resume checks."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,11 +27,6 @@ def no_nan(constant):
 
 def read_json(path):
     return json.loads(Path(path).read_text(), parse_constant=no_nan)
-
-
-def cli(*args, env=None, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.run", *args], cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 @pytest.mark.parametrize(

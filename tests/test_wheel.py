@@ -28,6 +28,21 @@ ROOT = Path(__file__).resolve().parents[1]
 KWARGS = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 32}
 
 
+# Runs gopt commands (JSON: name -> argv) with the installed package's cli.main and prints one
+# JSON line: where the package and its configs were imported from, and each command's exit status
+# and standard output.
+DRIVER = """
+import contextlib, io, json, sys
+import gopt_adapter, gopt_adapter.cli as cli, gopt_adapter.train.run_config as run_config
+done = {"imported": [gopt_adapter.__file__, str(run_config.config_path("folder"))]}
+for name, argv in json.loads(sys.argv[1]).items():
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        status = cli.main(argv)
+    done[name] = [status, out.getvalue()]
+print(json.dumps(done))
+"""
+
+
 def run(command, cwd, env, timeout=300):
     done = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -70,18 +85,24 @@ def test_wheel_install_trains_evaluates_predicts_and_inspects_without_a_clone(tm
          "--device", "cpu", "--out", "run"], work, env)
     record = json.loads((work / "run" / "results.json").read_text())
     assert record["backbone_init"] == "weights" and record["class_names"] == ["sky", "road", "car"]
-    evaluated = run([gopt, "eval", "--dataset", "folder", "--root", "data", "--adapter", "run/adapter.safetensors",
-                     "--weights", "vit.safetensors", "--device", "cpu"], work, env)
-    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["miou"] == pytest.approx(record["metrics"]["miou"])
-    run([gopt, "predict", "--adapter", "run/adapter.safetensors", "--weights", "vit.safetensors",
-         "--pairs-dir", "data/val", "-o", "pred"], work, env)
+    # eval, predict and inspect through the package's cli.main, in one process of the venv's Python
+    # (the console script is the train above): it also says where the package and its configs came from
+    commands = {
+        "eval": ["eval", "--dataset", "folder", "--root", "data", "--adapter", "run/adapter.safetensors",
+                 "--weights", "vit.safetensors", "--device", "cpu"],
+        "predict": ["predict", "--adapter", "run/adapter.safetensors", "--weights", "vit.safetensors",
+                    "--pairs-dir", "data/val", "-o", "pred"],
+        "inspect": ["inspect", "run/adapter.safetensors"],
+    }
+    driver = tmp_path / "drive.py"
+    driver.write_text(DRIVER)
+    done = json.loads(run([python, driver, json.dumps(commands)], work, env).stdout.strip().splitlines()[-1])
+    for path in map(Path, done["imported"]):  # from the wheel in the venv, not from the checkout
+        assert path.is_file() and path.is_relative_to(venv) and not path.is_relative_to(ROOT), done["imported"]
+    assert all(done[name][0] == 0 for name in commands), done
+    evaluated = json.loads(done["eval"][1].strip().splitlines()[-1])
+    assert evaluated["miou"] == pytest.approx(record["metrics"]["miou"])
     assert sorted(p.name for p in (work / "pred").iterdir()) == [
         "val_000_label.png", "val_000_panel.png", "val_001_label.png", "val_001_panel.png"]
-    # gopt inspect, in a process that also says where the package and its configs were loaded from
-    shown = run([python, "-c", "import sys, gopt_adapter, gopt_adapter.train.run_config as r, gopt_adapter.cli as cli; "
-                               "print(gopt_adapter.__file__, r.config_path('folder')); "
-                               "sys.exit(cli.main(['inspect', 'run/adapter.safetensors']))"], work, env).stdout
-    imported = shown.splitlines()[0].split()
-    for path in map(Path, imported):  # from the wheel in the venv, not from the checkout
-        assert path.is_file() and path.is_relative_to(venv) and not path.is_relative_to(ROOT), imported
+    shown = done["inspect"][1]
     assert "3: sky, road, car" in shown and "vit_base_patch16_224" in shown
