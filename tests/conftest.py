@@ -30,6 +30,22 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2)
 if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: one process per core, one thread each
     torch.set_num_threads(1)
 
+# The test files that take longest (seconds on a 2-core machine, from ``--durations``), run
+# first: scripts/test.sh hands whole files to its two processes in collection order
+# (``--dist loadfile --no-loadscope-reorder``), so long files first and short ones last lets
+# both finish together (xdist's own order, most tests first, left the long one-test files
+# for the end, one process idle for a minute). The figures set an order, never a result.
+LONGEST_FIRST = {
+    "test_zoo.py": 65, "test_export.py": 58, "test_gpu_check.py": 42, "test_learning.py": 35,
+    "test_compile.py": 34, "test_field.py": 28, "test_api_doc.py": 28, "test_runner.py": 21,
+    "test_engine.py": 20, "test_wheel.py": 19, "test_readme.py": 15, "test_cli.py": 14,
+    "test_swaps.py": 9, "test_adapter_io.py": 9, "test_baselines.py": 8, "test_ablation.py": 6,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0))  # stable: file order kept otherwise
+
 
 def make_backbone(family: str = "vit", depth: int = 2, seed: int = 0) -> torch.nn.Module:
     """A small random-weight backbone of ``family`` in eval mode (same seed, same weights)."""
