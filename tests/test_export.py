@@ -155,10 +155,12 @@ def test_cli_refuses_the_missing_mode_flags_for_an_adapter_without_it_in_one_lin
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_cli_refuses_bf16_in_one_line_with_the_reason(tmp_path, saved, capsys):
-    assert main(["export", *saved, "--size", "32", "48", "--dtype", "bf16", "-o", str(tmp_path / "m.onnx")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "onnxruntime's CPU provider" in err and "--dtype fp16" in err
+def test_cli_refuses_bf16_in_one_line_with_the_reason_before_reading_a_file(tmp_path, saved, capsys):
+    absent = ["--adapter", str(tmp_path / "absent.safetensors"), *saved[2:]]
+    for command in (saved, absent):  # the refusal comes first, whatever the files
+        assert main(["export", *command, "--size", "32", "48", "--dtype", "bf16", "-o", str(tmp_path / "m.onnx")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "onnxruntime's CPU provider" in err and "--dtype fp16" in err
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -861,15 +861,15 @@ def _export(args: argparse.Namespace) -> int:
         raise CliError(f"-o {out} is a folder", "Give the .onnx file to write, e.g. -o model.onnx")
     if not out.parent.is_dir():
         raise CliError(f"folder {out.parent} of -o {out} does not exist", "Create it first or write elsewhere")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    try:  # a refused flag before any file is read
+        check_export_dtype(dtype)
+    except ValueError as exc:
+        raise CliError(str(exc), "Give --dtype fp16 or fp32") from None
     try:
         file = read_adapter_file(args.adapter)
     except AdapterError as exc:
         raise _adapter_error(exc) from None
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    try:
-        check_export_dtype(dtype)
-    except ValueError as exc:
-        raise CliError(str(exc), "Give --dtype fp16 or fp32") from None
     flag = "--aux-missing-input" if args.aux_missing_input else "--rgb-only" if args.rgb_only else None
     if flag and not file.config.has_missing_mode:
         raise CliError(f"{flag} needs an adapter with an aux-missing mode, and {args.adapter} was trained with "
