@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .atomic_files import atomic_write_bytes
+from .config import GoptConfig
 from .gopt_segmenter import GoptSegmenter
 from .segmenter import SegmenterBase
 
@@ -83,11 +84,13 @@ class _RgbOnly(nn.Module):
         return self.segmenter(rgb)
 
 
-def check_missing_mode(segmenter: SegmenterBase, flag: str) -> None:
-    """Raises ``ValueError`` naming ``flag`` unless the active adapter has an aux-missing mode."""
-    if not (isinstance(segmenter, GoptSegmenter) and segmenter.config.has_missing_mode):
+def check_missing_mode(config: GoptConfig | None, flag: str, adapter: str) -> None:
+    """Raises ``ValueError`` naming ``flag`` and ``adapter`` unless ``config`` (a GoPT adapter's;
+    ``None`` for any other adapter) has an aux-missing mode. ``gopt export`` asks it of the
+    adapter file before building the backbone, :func:`export_onnx` of the active adapter."""
+    if not (config is not None and config.has_missing_mode):
         raise ValueError(f"{flag} needs an adapter with an aux-missing mode (a GoPT adapter trained with "
-                         f"aux_dropout > 0); adapter {segmenter.active_adapter!r} has none")
+                         f"aux_dropout > 0); {adapter} has none")
 
 
 @contextmanager
@@ -142,7 +145,9 @@ def export_onnx(segmenter: SegmenterBase, path: str | os.PathLike, image_size: t
     if aux_missing_input and rgb_only:
         raise ValueError("aux_missing_input and rgb_only choose different graphs; give one of them")
     if aux_missing_input or rgb_only:
-        check_missing_mode(segmenter, "aux_missing_input" if aux_missing_input else "rgb_only")
+        check_missing_mode(segmenter.config if isinstance(segmenter, GoptSegmenter) else None,
+                           "aux_missing_input" if aux_missing_input else "rgb_only",
+                           f"adapter {segmenter.active_adapter!r}")
     size = _check_size(image_size)
     spec = segmenter.spec
     spec.check_image_size(*size)

@@ -847,6 +847,7 @@ def _export(args: argparse.Namespace) -> int:
         FP16_RELATIVE_TOLERANCE,
         PARITY_TOLERANCE,
         check_export_dtype,
+        check_missing_mode,
         example_inputs,
         export_onnx,
         onnx_max_difference,
@@ -871,9 +872,12 @@ def _export(args: argparse.Namespace) -> int:
     except AdapterError as exc:
         raise _adapter_error(exc) from None
     flag = "--aux-missing-input" if args.aux_missing_input else "--rgb-only" if args.rgb_only else None
-    if flag and not file.config.has_missing_mode:
-        raise CliError(f"{flag} needs an adapter with an aux-missing mode, and {args.adapter} was trained with "
-                       "aux_dropout=0", "Export without the flag, or train with --set variant_options.aux_dropout=0.3")
+    if flag:
+        try:
+            check_missing_mode(file.config, flag, args.adapter)
+        except ValueError as exc:
+            raise CliError(str(exc), "Export without the flag, or train with --set variant_options.aux_dropout=0.3") \
+                from None
     backbone_kwargs = _backbone_kwargs(args)
     try:
         for module in ("onnx", "onnxscript", "onnxruntime"):  # before any work: the check needs all three
