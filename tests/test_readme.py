@@ -14,7 +14,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
-    assert namespace["logits"].shape == (2, 40, 480, 640)
+    assert namespace["logits"].shape == (1, 40, 480, 640)
     assert (tmp_path / "nyu_adapter" / "adapter_model.safetensors").exists()
     assert type(namespace["original"].blocks[0]).__name__ == "Block"
 
