@@ -27,8 +27,8 @@ from gopt_adapter.train.engine import Dist, Trainer
 def test_gopt_passes_the_rgb_only_bound_only_with_the_aligned_acp_query(tmp_path):
     base = DemoConfig()
     config = replace(base, train_length=128, val_length=48, out=str(tmp_path),
-                     foundation=replace(base.foundation, epochs=3, progress=False),
-                     gopt=replace(base.gopt, epochs=8, progress=False))
+                     foundation=replace(base.foundation, epochs=3, eval_every=0, progress=False),  # evaluated once,
+                     gopt=replace(base.gopt, epochs=8, eval_every=0, progress=False))  # at the end
     weights = tmp_path / "foundation.safetensors"
     train_foundation(config, weights, progress=False)
     train, val = synthetic_datasets(config)
