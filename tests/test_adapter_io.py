@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import gopt_adapter.adapter_file as adapter_io
-from conftest import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
+from model_helpers import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
 from gopt_adapter import (
     AdapterError,
     GoptConfig,

@@ -11,7 +11,7 @@ from gopt_adapter.train.engine import LOG_NAME, Dist, TrainConfig, Trainer, _aut
 from gopt_adapter.grouping import GroupingModule, gumbel_assignment
 from gopt_adapter.heads import LinearHead, SetrNaiveHead
 from gopt_adapter.gopt_segmenter import WEIGHTS_NAME
-from conftest import make_backbone
+from model_helpers import make_backbone
 from test_engine import make_trainer, read_log, synthetic_sets
 
 BF16_RTOL = 2 ** -7  # bf16 keeps 8 significant bits

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, safe_open
 
 import gopt_adapter.adapter_file as adapter_io
-from conftest import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
+from model_helpers import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
 from gopt_adapter import GoptConfig, apply_gopt, load_adapter, read_adapter_file, save_adapter
 from gopt_adapter.adapter import GoptAdapter
 from gopt_adapter.baselines import build_variant

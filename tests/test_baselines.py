@@ -17,10 +17,10 @@ from gopt_adapter.baselines import (
     build_variant,
     build_vpt,
 )
-from conftest import assert_bitwise_equal, family_inputs, make_backbone, snapshot
+from model_helpers import assert_bitwise_equal, family_inputs, make_backbone, snapshot
 
 DEPTH, CLASSES, AUX = 4, 5, 1
-D, PATCH, HEAD_CHANNELS = 32, 16, 256  # conftest.TINY width, vit_base_patch16 patch, default SETR head
+D, PATCH, HEAD_CHANNELS = 32, 16, 256  # model_helpers.TINY width, vit_base_patch16 patch, default SETR head
 LORA_R, AUX_DIM = 8, 32  # build_lora defaults
 NEEDS_PEFT = {"lora"}
 TOO_DEEP = {"gopt_i6", "gopt_i12"}  # interval > DEPTH

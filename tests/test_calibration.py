@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import family_inputs, make_backbone, perturb_adapter
+from model_helpers import family_inputs, make_backbone, perturb_adapter
 from gopt_adapter import apply_gopt, calibrate_missing_mode, load_adapter, save_adapter
 from gopt_adapter.calibration import fit_class_offsets
 

@@ -20,7 +20,7 @@ from gopt_adapter.cli import commands as cli
 from gopt_adapter.train import run as recipe
 from gopt_adapter.cli.commands import main
 from gopt_adapter.cli.visualize import class_palette, colormap
-from conftest import nan_logits, with_logits
+from model_helpers import nan_logits, with_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

@@ -13,7 +13,7 @@ import torch
 from gopt_adapter import GoptSegmenter
 from gopt_adapter.baselines import build_variant
 from gopt_adapter.train.engine import LOG_NAME, TrainConfig, evaluate
-from conftest import make_backbone
+from model_helpers import make_backbone
 from test_amp import fixed_batch_trainer
 from test_engine import read_log, synthetic_sets
 

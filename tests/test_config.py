@@ -3,7 +3,7 @@
 import pytest
 
 from gopt_adapter import GoptConfig, apply_gopt
-from conftest import make_backbone, snapshot, assert_bitwise_equal
+from model_helpers import make_backbone, snapshot, assert_bitwise_equal
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from gopt_adapter.train.engine import (
 from gopt_adapter.errors import CheckpointError, NonFiniteError
 from gopt_adapter.train.metrics import SegMetrics
 from gopt_adapter.data.transforms import build_transforms, default_train_config
-from conftest import PixelModel, make_backbone, perturb_adapter
+from model_helpers import PixelModel, make_backbone, perturb_adapter
 
 
 def no_nan(constant):

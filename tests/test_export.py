@@ -10,7 +10,7 @@ from gopt_adapter import apply_gopt, export_onnx, save_adapter
 from gopt_adapter.cli.commands import main
 from gopt_adapter.export import FP16_RELATIVE_TOLERANCE, PARITY_TOLERANCE, example_inputs, onnx_max_difference
 from gopt_adapter.atomic_files import write_tensors
-from conftest import make_backbone, perturb_adapter
+from model_helpers import make_backbone, perturb_adapter
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from gopt_adapter import apply_gopt, count_parameters, remove_gopt
-from conftest import FAMILIES, assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
+from model_helpers import FAMILIES, assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
 
 
 def reference_features(model, rgb):

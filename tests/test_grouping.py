@@ -10,7 +10,7 @@ from gopt_adapter.grouping import GroupingModule, gumbel_assignment, gumbel_nois
 from gopt_adapter.prompter import ClassAwareUniModalPrompter, GroupingPrompter, PromptState
 from gopt_adapter.adapter import GoptAdapter
 from gopt_adapter.backbone import BackboneSpec
-from conftest import make_backbone
+from model_helpers import make_backbone
 
 
 def test_hard_assignment_is_one_hot_with_softmax_gradient():

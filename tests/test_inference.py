@@ -13,7 +13,7 @@ from gopt_adapter.train.engine import evaluate
 from gopt_adapter.inference import TTAConfig, sliding_window_logits, tta_scores, view_size, window_starts
 from gopt_adapter.data.transforms import build_transforms
 from gopt_adapter.resize import resize_logits
-from conftest import PixelModel, make_backbone, perturb_adapter
+from model_helpers import PixelModel, make_backbone, perturb_adapter
 
 
 @pytest.mark.parametrize("height, width", [(37, 53), (16, 70), (64, 48), (5, 5)])

@@ -173,7 +173,7 @@ def test_loss_settings_are_validated(bad):
 
 
 def test_class_weights_go_with_ce_weighted_only(tmp_path):
-    from conftest import make_backbone
+    from model_helpers import make_backbone
     from gopt_adapter import apply_gopt
     from gopt_adapter.data import get_dataset
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gopt_adapter import GoptConfig, apply_gopt
-from conftest import make_backbone, perturb_adapter
+from model_helpers import make_backbone, perturb_adapter
 
 DEPTH, SIZE = 4, (32, 48)
 

@@ -12,7 +12,7 @@ from benchmarks import run as runner
 from gopt_adapter import read_adapter_file
 from gopt_adapter.train import run as recipe
 from gopt_adapter.train.metrics import SegMetrics
-from conftest import nan_logits, with_logits
+from model_helpers import nan_logits, with_logits
 from gopt_adapter.cli.commands import build_train_parser
 from gopt_adapter.train.run_config import config_path, load_run_config
 

@@ -17,7 +17,7 @@ from gopt_adapter import GoptAdapter, GoptSegmenter, apply_gopt
 from gopt_adapter.baselines import VARIANTS, BaselineAdapter, BaselineSegmenter, TwoStreamSegmenter, build_variant
 from gopt_adapter.contract import SegmentationAdapter, check_adapter
 from gopt_adapter.segmenter import PromptedSegmenter, SegmenterBase
-from conftest import assert_bitwise_equal, make_backbone, snapshot
+from model_helpers import assert_bitwise_equal, make_backbone, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
+from model_helpers import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
 from gopt_adapter import AdapterError, GoptConfig, apply_gopt, count_parameters, load_adapter, save_adapter
 
 # Three tasks whose adapters differ in aux channels, classes, interval, assignment, ACP, head, width.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gopt_adapter import apply_gopt, remove_gopt
-from conftest import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
+from model_helpers import assert_bitwise_equal, family_inputs, make_backbone, perturb_adapter, snapshot
 
 CONFIGS = [
     dict(),

@@ -18,7 +18,7 @@ from gopt_adapter.data import get_dataset
 from gopt_adapter.train.engine import Dist, TrainConfig, Trainer
 from gopt_adapter.data.transforms import build_transforms, default_train_config
 from gopt_adapter.baselines.two_stream import ModalityLayerNorm
-from conftest import assert_bitwise_equal, family_inputs, make_backbone, snapshot
+from model_helpers import assert_bitwise_equal, family_inputs, make_backbone, snapshot
 
 CLASSES, D = 5, 32
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import zoo
-from conftest import assert_bitwise_equal, perturb_adapter, snapshot
+from model_helpers import assert_bitwise_equal, perturb_adapter, snapshot
 from gopt_adapter import apply_gopt, load_adapter, remove_gopt, save_adapter
 from gopt_adapter.backbone import BackboneSpec, create_backbone
 
