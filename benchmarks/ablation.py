@@ -118,11 +118,12 @@ class WorldSetup:
 #: The setup of each world family. Absolute: the demo's ViT (width 96, 4 blocks, patch 8) on 192
 #: scenes of 64x64 (half the demo's 384, so that all three worlds' 117 runs fit an hour on 2
 #: cores), whose foundation pretrains for 12 epochs (144 steps, as the demo's 6 epochs of 384).
-#: Relative: 96 scenes of 128x128 (256 tokens of 8x8 pixels) and a ViT of width
-#: 64 with 8 blocks, whose foundation pretrains for 24 epochs (144 steps too); GoPT's width is 8 (ViPT's), so that GoPT trains fewer parameters than
-#: VPT-Deep, as in the paper (tests/test_ablation.py checks the order): at patch 8 and width 64
-#: one of VPT-Deep's aux embeddings costs 4,160 parameters, a GoPT prompter of width 8 about
-#: 1,800 and one of width 32 about 12,800, whatever the depth.
+#: Relative: 96 scenes of 128x128 (256 tokens of 8x8 pixels) and a ViT of width 64 with 8
+#: blocks, whose foundation pretrains for 24 epochs (144 steps too); GoPT's width is 8 (ViPT's),
+#: so that GoPT trains fewer parameters than VPT-Deep, as in the paper (tests/test_ablation.py
+#: checks the order): at patch 8 and width 64 one of VPT-Deep's aux embeddings costs 4,160
+#: parameters, a GoPT prompter of width 8 about 1,800 and one of width 32 about 12,800, whatever
+#: the depth.
 SETUPS: dict[str, WorldSetup] = {
     "absolute": WorldSetup(DemoConfig(train_length=192, val_length=128,
                                       foundation=replace(DemoConfig.foundation, epochs=12)), _FROZEN, _FULL),
@@ -434,9 +435,10 @@ def report(config: AblationConfig, records: list[dict[str, Any]], wall_s: float,
 def build_parser(prog: str, description: str, variants: tuple[str, ...], out: str,
                  setups: dict[str, WorldSetup] = SETUPS) -> argparse.ArgumentParser:
     """The options of the synthetic-world benchmarks (this one and benchmarks.robustness, each
-    with its families' ``setups``)."""
+    with its families' ``setups``, which the parsed arguments carry to :func:`config_from_args`)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(setups=setups)
     parser.add_argument("--out", default=out, help="folder for the runs (resumable)")
     parser.add_argument("--doc", help="write the Markdown report here (e.g. docs/results.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(AblationConfig.seeds))
@@ -458,25 +460,24 @@ def build_parser(prog: str, description: str, variants: tuple[str, ...], out: st
     return parser
 
 
-def config_from_args(args: argparse.Namespace, setups: dict[str, WorldSetup] = SETUPS) -> AblationConfig:
-    """The config of the command line: every family's setup with its overrides."""
+def config_from_args(args: argparse.Namespace) -> AblationConfig:
+    """The config of the command line: every family's setup (``args.setups``) with its overrides."""
     return AblationConfig(
         worlds=tuple(args.worlds), seeds=tuple(args.seeds), variants=tuple(args.variants),
         setups={family: world_setup.overridden(args.epochs, args.train_length, args.val_length)
-                for family, world_setup in setups.items()},
+                for family, world_setup in args.setups.items()},
         workers=args.workers,
     )
 
 
 def run_benchmark(module: str, argv, parser: argparse.ArgumentParser, section: str,
-                  job: Callable[..., dict[str, Any]], report_fn: Callable[..., str],
-                  setups: dict[str, WorldSetup] = SETUPS) -> int:
-    """Parses ``argv``, runs every missing run with ``job`` on ``setups``, and writes the report
-    into ``<out>/results.md``, the ``--doc`` file (between the ``section`` markers) and
-    ``<out>/results.json``."""
+                  job: Callable[..., dict[str, Any]], report_fn: Callable[..., str]) -> int:
+    """Parses ``argv`` with ``parser`` (from :func:`build_parser`), runs every missing run with
+    ``job``, and writes the report into ``<out>/results.md``, the ``--doc`` file (between the
+    ``section`` markers) and ``<out>/results.json``."""
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args, setups)
+        config = config_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

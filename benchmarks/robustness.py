@@ -4,8 +4,8 @@
 
 Each (world, variant, seed) run trains as in ``benchmarks.ablation`` (same foundation
 pretraining, schedule and seeds), on the absolute worlds' full 384 training scenes (the ablation
-halves them to fit its hour; one run here is evaluated under 13 conditions), then evaluates the trained model on the
-validation scenes under every condition of :data:`gopt_adapter.data.aux_faults.ROBUSTNESS_FAULTS`:
+halves them to fit its hour; one run here is evaluated under 13 conditions), then evaluates the
+trained model on the validation scenes under every condition of :data:`gopt_adapter.data.aux_faults.ROBUSTNESS_FAULTS`:
 clean aux, no aux (the aux-missing mode, which only an adapter trained with ``aux_dropout``
 has), zeros, a flat frame, noise, holes and misregistration. The Foundation row sees RGB
 alone: it is what a model without the second sensor gets, the line no condition should push
@@ -24,6 +24,7 @@ from typing import Any
 
 from gopt_adapter.data.aux_faults import ROBUSTNESS_FAULTS, FaultyAux, WithoutAux
 from gopt_adapter.baselines import AUX_DROPOUT
+from gopt_adapter.cli.demo import DemoConfig
 from gopt_adapter.train.engine import evaluate
 
 from .ablation import (SETUPS as ABLATION_SETUPS, AblationConfig, WorldSetup, build_parser, finish_run,
@@ -35,9 +36,9 @@ LABELS = {"foundation": "Foundation (RGB only)", "gopt": "GoPT", "gopt_aux_dropo
           "vpt_deep": "VPT-Deep", "lora": "LoRA", "fft": "FFT"}
 SECTION = "robustness"  # markers of the generated part of docs/results.md
 _ABSOLUTE = ABLATION_SETUPS["absolute"]
-#: The ablation's setups with the absolute worlds' 384 scenes and the demo's 6-epoch foundation
+#: The ablation's setups with the absolute worlds' 384 scenes and the demo's own foundation schedule
 SETUPS: dict[str, WorldSetup] = {**ABLATION_SETUPS, "absolute": replace(_ABSOLUTE, demo=replace(
-    _ABSOLUTE.demo, train_length=384, foundation=replace(_ABSOLUTE.demo.foundation, epochs=6)))}
+    _ABSOLUTE.demo, train_length=384, foundation=DemoConfig.foundation))}
 
 
 def run_one(config: AblationConfig, world: str, variant: str, seed: int, weights: str, result: str) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def missing_split(config: AblationConfig, records: list[dict[str, Any]], world: 
 
 def main(argv=None) -> int:
     parser = build_parser("python -m benchmarks.robustness", __doc__, VARIANTS, "runs/robustness", SETUPS)
-    return run_benchmark("benchmarks.robustness", argv, parser, SECTION, run_one, report, SETUPS)
+    return run_benchmark("benchmarks.robustness", argv, parser, SECTION, run_one, report)
 
 
 if __name__ == "__main__":
