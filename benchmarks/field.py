@@ -20,8 +20,9 @@ reproduces a row on any copy of MFNet.
 Each finished run leaves ``<out>/runs/<variant>_lr<lr>_s<seed>.json`` with a fingerprint of
 its settings (the recipe, the row, the library version); a run started again with the same
 ``--out`` reuses exactly the records whose fingerprint matches and trains the rest. Runs go to
-``--workers`` processes of one thread each (one: this process). A run whose weights are not finite, or whose model
-predicts one class only on the validation frames, fails the benchmark (exit status 1).
+``--workers`` processes of one thread each (one: this process). A run whose weights are not
+finite, or whose model predicts one class only on the validation frames, fails the benchmark
+(exit status 1).
 """
 
 from __future__ import annotations

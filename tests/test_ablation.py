@@ -170,8 +170,8 @@ def test_report_of_both_families():
 
 
 def test_one_worker_runs_the_jobs_in_this_process_and_hands_their_errors_back():
-    """``--workers 1``: no process is spawned (same records, tests/test_ablation.py's runs); a
-    job's exception reaches the caller through its future, as from a process pool."""
+    """``--workers 1``: the jobs run in this process, no process is spawned; a job's exception
+    reaches the caller through its future, as from a process pool."""
     with worker_pool(1) as pool:
         here, failed = pool.submit(os.getpid), pool.submit(int, "not a number")
     assert here.result() == os.getpid()

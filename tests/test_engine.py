@@ -355,8 +355,8 @@ def _ddp_worker(rank, port, out, queue):
 
         trainer.ddp.register_comm_hook(None, counting_allreduce)
         metrics = trainer.fit()
-        queue.put((rank, len(calls), trainer.step, metrics["miou"], trainer.model.bias.flatten().tolist()))  # no tensors:
-        # a queued tensor is shared through this process, which ends before it is read
+        # no tensors in the queue: a queued tensor is shared through this process, which ends before it is read
+        queue.put((rank, len(calls), trainer.step, metrics["miou"], trainer.model.bias.flatten().tolist()))
         trainer.close()  # DDP's reducer before the process group, or gloo may abort the process
     finally:
         shutdown_distributed()
